@@ -1,0 +1,106 @@
+"""LQ projection: the conditioning latent -> one feature map per injection point, and sigma-aware gates.
+
+Legend: B batch, c latent channels, h/w latent grid, Hs/Ws patch grid, L = Hs*Ws, K hidden width of
+the projection, D patch hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Conv2d, GroupNorm32, Linear
+
+from ..config import LQConfig
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int, padding_mode: str) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            GroupNorm32(4, dim, eps=1e-5),
+            nn.SiLU(),
+            Conv2d(dim, dim, 3, padding=1, padding_mode=padding_mode),
+            GroupNorm32(4, dim, eps=1e-5),
+            nn.SiLU(),
+            Conv2d(dim, dim, 3, padding=1, padding_mode=padding_mode),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class SigmaGate(nn.Module):
+    """``x + sigmoid(content_proj([x, lq]) - exp(log_alpha) * sigma) * lq``.
+
+    ``per_dim=False`` (v1.5): one logit per token; ``per_dim=True`` (v1): one logit per token and channel.
+    """
+
+    def __init__(self, dim: int, per_dim: bool) -> None:
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.content_proj = Linear(2 * dim, dim if per_dim else 1)
+
+    def forward(self, x: torch.Tensor, lq: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x, lq (B, L, D); sigma (B,) float32."""
+        logits = self.content_proj(torch.cat([x, lq.to(x.dtype)], dim=-1)).float()  # (B, L, 1 | D)
+        logits = logits - self.log_alpha.float().exp() * sigma.float()[:, None, None]
+        gate = torch.sigmoid(logits)
+        return x + gate * lq  # float32 residual stream
+
+
+class LQProjection(nn.Module):
+    """Latent -> ``num_heads`` feature maps on the patch grid (plus the PiT feature map for v1.5)."""
+
+    def __init__(self, cfg: LQConfig, hidden: int, patch_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        f = cfg.unpatchify_factor
+        ratio = cfg.sr_scale * (cfg.latent_down_factor // f) / patch_size  # latent cells -> patch tokens
+        self.upsample = ratio > 1
+        self.fold = int(round(1 / ratio)) if ratio < 1 else 1
+        if ratio > 1 and ratio != int(ratio):
+            raise ValueError(f"latent-to-patch ratio {ratio} must be an integer")
+        if ratio < 1 and not math.isclose(1 / ratio, self.fold):
+            raise ValueError(f"patch-to-latent ratio {1 / ratio} must be an integer")
+        in_ch = cfg.conv_latent_channels * self.fold**2
+        K, pad = cfg.hidden_dim, cfg.padding_mode
+        self.latent_proj = nn.Sequential(
+            Conv2d(in_ch, K, 3, padding=1, padding_mode=pad),
+            nn.SiLU(),
+            Conv2d(K, K, 3, padding=1, padding_mode=pad),
+            *[ResBlock(K, pad) for _ in range(cfg.num_res_blocks)],
+        )
+        self.output_heads = nn.ModuleList(Linear(K, hidden) for _ in range(num_heads))
+        self.pit_head = Linear(K, hidden) if cfg.pit_inject else None
+        per_dim = cfg.gate_type == "sigma_aware_per_token_per_dim"
+        self.gate_modules = nn.ModuleList(SigmaGate(hidden, per_dim) for _ in range(num_heads))
+
+    def align(self, z: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Bring the latent (B, c, h, w) onto the patch grid: unpatchify, then upsample or fold."""
+        f = self.cfg.unpatchify_factor
+        if f > 1:
+            z = F.pixel_shuffle(z, f)  # (B, c/f^2, h*f, w*f)
+        Hs, Ws = grid
+        if self.upsample:
+            # parity: size-based legacy "nearest" (floor(dst * in / out)), not "nearest-exact".
+            z = F.interpolate(z, size=(Hs, Ws), mode="nearest")  # (B, c', Hs, Ws)
+        elif self.fold > 1:
+            F_ = self.fold
+            if z.shape[-2:] != (Hs * F_, Ws * F_):
+                z = F.interpolate(z, size=(Hs * F_, Ws * F_), mode="bilinear", align_corners=False)
+            z = F.pixel_unshuffle(z, F_)  # (B, c'*F^2, Hs, Ws)
+        elif z.shape[-2:] != (Hs, Ws):
+            z = F.interpolate(z, size=(Hs, Ws), mode="bilinear", align_corners=False)
+        return z
+
+    def forward(self, z: torch.Tensor, grid: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """z (B, c, h, w) -> ([num_heads x (B, L, D)], PiT feature (B, L, D) or None)."""
+        h = self.latent_proj(self.align(z.float(), grid))  # (B, K, Hs, Ws)
+        tokens = h.flatten(2).transpose(1, 2)  # (B, L, K)
+        feats = [head(tokens) for head in self.output_heads]
+        pit = self.pit_head(tokens) if self.pit_head is not None else None
+        return feats, pit

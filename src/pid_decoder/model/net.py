@@ -1,0 +1,193 @@
+"""PiDNet: wiring only.
+
+Legend: B batch, H/W output pixels, ps patch size, Hs/Ws = H/ps, W/ps patch grid, L = Hs*Ws patch tokens,
+T text tokens, D hidden size, P = ps^2 pixels per patch, C pixel width, N = B*L.
+
+``net(x, t, text, lq_latent, degrade_sigma)`` has the reference's semantics (velocity prediction, ``t``
+on the 0-1000 scale). Samplers call `prepare` once per image (text embedding, LQ features and position
+tables do not depend on the step) and `denoise` once per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import NetConfig
+from .layers import Linear, RMSNorm, TimestepEmbedder
+from .lq_projection import LQProjection, SigmaGate
+from .patch_block import PatchBlock
+from .pixel_block import FinalLayer, PixelBlock, PixelEmbedder
+from .positions import RopeTable, pixel_sincos, rope_1d, rope_2d
+
+
+class PatchEmbedder(nn.Module):
+    def __init__(self, in_features: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = Linear(in_features, hidden)
+
+
+class TextEmbedder(nn.Module):
+    def __init__(self, in_features: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = Linear(in_features, hidden)
+        self.norm = RMSNorm(hidden)
+
+
+@dataclass
+class Conditioning:
+    """Everything a denoising step needs that does not depend on the step."""
+
+    height: int
+    width: int
+    text: torch.Tensor  # (B, T, D) embedded text tokens
+    rope_patch: RopeTable
+    rope_text: RopeTable | None
+    rope_pixel: RopeTable
+    pixel_pos: tuple[torch.Tensor, torch.Tensor]
+    lq_feats: list[torch.Tensor] | None = None  # per injection point, (B, L, D)
+    pit_feat: torch.Tensor | None = None  # (B, L, D)
+    sigma: torch.Tensor | None = None  # (B,) float32
+
+    @property
+    def batch(self) -> int:
+        return self.text.shape[0]
+
+
+class PiDNet(nn.Module):
+    """The PiD network (``config.lq`` set) or the text-to-image PixelDiT (``config.lq is None``)."""
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        D, ps, C = cfg.hidden_size, cfg.patch_size, cfg.pixel_hidden_size
+        P = ps * ps
+        self.y_pos_embedding = nn.Parameter(torch.zeros(1, cfg.txt_max_length, D))
+        self.pixel_embedder = PixelEmbedder(cfg.in_channels, C, ps)
+        self.s_embedder = PatchEmbedder(cfg.in_channels * P, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = TextEmbedder(cfg.txt_embed_dim, D)
+        self.patch_blocks = nn.ModuleList(
+            PatchBlock(D, cfg.num_groups, last=i == cfg.patch_depth - 1) for i in range(cfg.patch_depth)
+        )
+        self.pixel_blocks = nn.ModuleList(
+            PixelBlock(D, C, cfg.pixel_attn_hidden_size, cfg.pixel_num_groups, P) for _ in range(cfg.pixel_depth)
+        )
+        self.final_layer = FinalLayer(C, cfg.in_channels)
+        if cfg.lq is not None:
+            self.lq_proj = LQProjection(cfg.lq, D, ps, cfg.num_lq_injections)
+            per_dim = cfg.lq.gate_type == "sigma_aware_per_token_per_dim"
+            self.pit_lq_gate = SigmaGate(D, per_dim) if cfg.lq.pit_inject else None
+        else:
+            self.lq_proj = None
+            self.pit_lq_gate = None
+        # Reproducible, cheap default values (a checkpoint normally replaces them all).
+        self.apply(_init_defaults)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.s_embedder.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.s_embedder.proj.weight.device
+
+    def output_size(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """Output pixel size for a latent grid (h, w)."""
+        if self.config.lq is None:
+            raise ValueError("PixelDiT has no latent input; pass height and width explicitly")
+        k = self.config.lq.pixels_per_latent
+        return latent_hw[0] * k, latent_hw[1] * k
+
+    # ------------------------------------------------------------------ API
+    def prepare(
+        self,
+        text: torch.Tensor,
+        lq_latent: torch.Tensor | None,
+        degrade_sigma: torch.Tensor | float | None,
+        height: int,
+        width: int,
+    ) -> Conditioning:
+        """Validate the inputs and compute the step-independent conditioning."""
+        from .validation import check_inputs
+
+        sigma = check_inputs(self.config, text, lq_latent, degrade_sigma, height, width)
+        cfg, dev = self.config, self.device
+        ps = cfg.patch_size
+        grid = (height // ps, width // ps)
+        T = min(text.shape[1], cfg.txt_max_length)
+        y = text[:, :T].to(device=dev, dtype=self.dtype)  # parity: text beyond txt_max_length is dropped
+        y = self.y_embedder.norm(self.y_embedder.proj(y)) + self.y_pos_embedding[:, :T]  # (B, T, D)
+        cond = Conditioning(
+            height=height,
+            width=width,
+            text=y,
+            rope_patch=rope_2d(*grid, cfg.head_dim, cfg.rope_mode, cfg.rope_ref_grid, dev),
+            rope_text=rope_1d(T, cfg.head_dim, cfg.text_rope_theta, dev) if cfg.use_text_rope else None,
+            rope_pixel=rope_2d(*grid, cfg.pixel_head_dim, cfg.rope_mode, cfg.rope_ref_grid, dev),
+            pixel_pos=pixel_sincos(height, width, cfg.pixel_hidden_size, dev, torch.float32),
+        )
+        if self.lq_proj is not None:
+            cond.lq_feats, cond.pit_feat = self.lq_proj(lq_latent.to(dev), grid)
+            cond.sigma = sigma.to(dev)
+        return cond
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, chunk: int | None = None) -> torch.Tensor:
+        """One network evaluation. x (B, 3, H, W), t (B,) on the 0-1000 scale -> velocity (B, 3, H, W) float32.
+
+        ``chunk`` bounds the number of patch tokens the pixel pathway processes at once (None: all).
+        """
+        cfg = self.config
+        B, _, H, W = x.shape
+        ps = cfg.patch_size
+        Hs, Ws = H // ps, W // ps
+        x = x.float()
+        patches = F.unfold(x, ps, stride=ps).transpose(1, 2)  # (B, L, 3*P), feature = c*P + ky*ps + kx
+        t_emb = self.t_embedder(t.expand(B))[:, None]  # (B, 1, D)
+        c = F.silu(t_emb)
+        s = self.s_embedder.proj(patches).float()  # (B, L, D), float32 residual stream
+        y = cond.text
+        interval = cfg.lq.interval if cfg.lq else 0
+        for i, block in enumerate(self.patch_blocks):
+            if cond.lq_feats is not None and i % interval == 0:
+                s = self.lq_proj.gate_modules[i // interval](s, cond.lq_feats[i // interval], cond.sigma)
+            s, y = block(s, y, c, cond.rope_patch, cond.rope_text)
+        s = F.silu(t_emb + s)  # (B, L, D)
+        if self.pit_lq_gate is not None:
+            # parity: the PiT gate is applied after the silu.
+            s = self.pit_lq_gate(s, cond.pit_feat, cond.sigma)
+        s = s.flatten(0, 1)  # (N, D)
+        p = self.pixel_embedder(x, cond.pixel_pos)  # (N, P, C)
+        for block in self.pixel_blocks:
+            p = block(p, s, cond.rope_pixel, B, chunk)
+        out = self.final_layer(p)  # (N, P, 3)
+        out = out.view(B, Hs, Ws, ps, ps, -1).permute(0, 5, 1, 3, 2, 4)  # (B, 3, Hs, ps, Ws, ps)
+        return out.reshape(B, -1, H, W).float()  # (B, 3, H, W)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        lq_latent: torch.Tensor | None = None,
+        degrade_sigma: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Velocity prediction ``v = noise - x0``. x (B, 3, H, W), t (B,) in [0, 1000], text (B, T, txt_dim)."""
+        from .validation import check_x_t
+
+        check_x_t(self.config, x, t, text.shape[0] if torch.is_tensor(text) else None)
+        cond = self.prepare(text, lq_latent, degrade_sigma, x.shape[-2], x.shape[-1])
+        return self.denoise(x.to(self.device), torch.as_tensor(t, dtype=torch.float32, device=self.device), cond)
+
+
+def _init_defaults(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.device.type != "meta":
+        fan_in = module.weight[0].numel()
+        nn.init.normal_(module.weight, std=1 / math.sqrt(fan_in))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
