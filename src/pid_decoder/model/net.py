@@ -64,6 +64,7 @@ class PiDNet(nn.Module):
     def __init__(self, config: NetConfig) -> None:
         super().__init__()
         self.config = cfg = config
+        self.preset = None  # the released preset the weights came from, when known
         D, ps, C = cfg.hidden_size, cfg.patch_size, cfg.pixel_hidden_size
         P = ps * ps
         self.y_pos_embedding = nn.Parameter(torch.zeros(1, cfg.txt_max_length, D))

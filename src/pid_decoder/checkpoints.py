@@ -1,0 +1,390 @@
+"""Checkpoint files: official ``model_ema_bf16.pth`` (weights_only), Comfy-Org safetensors, our safetensors.
+
+Loading never silently drops or invents weights: after removing the ``net.`` prefix, the EMA/critic copies
+(``net_ema.*``, ``fake_score.*``, ``discriminator.*``) and the documented training-only keys, every key must
+match the network exactly, or a ValueError names the missing, unexpected and mis-shaped keys.
+The network is built on the meta device and each tensor is moved straight to the target device and dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import NetConfig
+from .model.net import PiDNet
+from .presets import PRESETS, Preset, resolve_preset
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "net."
+# Copies of other networks that a training checkpoint may carry next to `net.*`.
+IGNORED_PREFIXES = ("net_ema.", "fake_score.", "discriminator.")
+# Keys of released files that the inference network does not have: the v1.5 auxiliary LQ RGB head
+# (a training-time alignment loss; never evaluated at inference).
+TRAINING_ONLY_PREFIXES = ("lq_proj.lq_aux_rgb_head.",)
+FORMAT = "pid-decoder"
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    table = {
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    }
+    if str(dtype).lower() not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return table[str(dtype).lower()]
+
+
+# --------------------------------------------------------------------------- reading files
+@dataclass
+class CheckpointFile:
+    """A checkpoint's tensors (loaded lazily where the format allows) and its metadata."""
+
+    path: Path
+    keys: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    metadata: dict[str, str]
+    _get: Any  # callable key -> tensor (CPU)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._get(key)
+
+    @property
+    def config(self) -> NetConfig | None:
+        raw = self.metadata.get("config")
+        return NetConfig.from_dict(json.loads(raw)) if raw else None
+
+    @property
+    def preset_name(self) -> str | None:
+        return self.metadata.get("preset") or None
+
+
+def _missing_file_message(path: Path) -> str:
+    return (
+        f"checkpoint file not found: {path}. Released PiD weights live at "
+        "checkpoints/<folder>/model_ema_bf16.pth (e.g. checkpoints/PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step/"
+        "model_ema_bf16.pth); pass the path of that file, or a .safetensors file written by `pid-decoder convert`."
+    )
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointFile:
+    """Open a ``.pth``/``.pt`` (torch.save, weights_only) or ``.safetensors`` file without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(_missing_file_message(path))
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return _open_safetensors(path)
+    return _open_torch(path)
+
+
+def _open_safetensors(path: Path) -> CheckpointFile:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
+    keys = list(handle.keys())
+    shapes, dtypes = {}, {}
+    for k in keys:
+        sl = handle.get_slice(k)
+        shapes[k] = tuple(sl.get_shape())
+        dtypes[k] = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
+    return CheckpointFile(path, keys, shapes, dtypes, dict(handle.metadata() or {}), handle.get_tensor)
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _open_torch(path: Path) -> CheckpointFile:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err) and "zip" not in str(err):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) serialisation
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it needs arbitrary Python unpickling, which can run code from the file. "
+            "Only plain tensor dicts are accepted (torch.load(..., weights_only=True)). If you trust the file, "
+            "re-save its state dict with torch.save(state_dict, ...) or convert it to safetensors. "
+            f"(torch said: {str(err).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from err
+    sd = _flat_tensor_dict(obj, path)
+    keys = list(sd)
+    return CheckpointFile(
+        path, keys, {k: tuple(v.shape) for k, v in sd.items()}, {k: v.dtype for k, v in sd.items()}, {}, sd.__getitem__
+    )
+
+
+def _flat_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and not any(torch.is_tensor(v) for v in obj.values()):
+        for wrapper in ("state_dict", "model", "net"):
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (a dict of tensors), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"{path} holds non-tensor entries {bad[:5]}; expected a flat dict of tensors")
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------- key handling
+def network_keys(checkpoint: CheckpointFile) -> tuple[dict[str, str], list[str]]:
+    """Map network key -> file key, and list the file keys dropped as training-only / other copies."""
+    mapping: dict[str, str] = {}
+    dropped: list[str] = []
+    has_prefix = any(k.startswith(PREFIX) for k in checkpoint.keys)
+    for key in checkpoint.keys:
+        if key.startswith(IGNORED_PREFIXES):
+            dropped.append(key)
+            continue
+        name = key[len(PREFIX):] if has_prefix and key.startswith(PREFIX) else key
+        if name.startswith(TRAINING_ONLY_PREFIXES):
+            dropped.append(key)
+            continue
+        mapping[name] = key
+    return mapping, dropped
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_shapes(config: NetConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in build_network(config, device="meta").state_dict().items()}
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_keys(config: NetConfig, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Problems (missing / unexpected / wrong shape) of a network-key -> shape mapping for ``config``."""
+    expected = _expected_shapes(config)
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {list(shapes[k])} (expected {list(expected[k])})" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_listing(wrong, 8)}")
+    return problems
+
+
+def matching_presets(checkpoint: CheckpointFile) -> list[Preset]:
+    """Released presets whose network has exactly this file's keys and shapes."""
+    mapping, dropped = network_keys(checkpoint)
+    shapes = {name: checkpoint.shapes[key] for name, key in mapping.items()}
+    has_aux = any(k.removeprefix(PREFIX).startswith(TRAINING_ONLY_PREFIXES) for k in dropped)
+    out = []
+    for preset in PRESETS.values():
+        if check_keys(preset.net, shapes):
+            continue
+        if preset.net.lq is not None and preset.net.lq.aux_rgb_head != has_aux:
+            continue
+        out.append(preset)
+    return out
+
+
+def detect_variant(checkpoint: CheckpointFile | str | os.PathLike) -> dict[str, Any]:
+    """What can be told from a file's keys and shapes alone: family, latent channels, matching presets."""
+    if not isinstance(checkpoint, CheckpointFile):
+        checkpoint = open_checkpoint(checkpoint)
+    mapping, dropped = network_keys(checkpoint)
+    shape = lambda name: checkpoint.shapes.get(mapping.get(name, ""), None)  # noqa: E731
+    info: dict[str, Any] = {"path": str(checkpoint.path), "keys": len(mapping), "dropped_keys": len(dropped)}
+    conv = shape("lq_proj.latent_proj.0.weight")
+    if shape("s_embedder.proj.weight") is None:
+        info["family"] = "unknown (no s_embedder.proj.weight: not a PiD / PixelDiT checkpoint)"
+        return info
+    info["hidden_size"] = shape("s_embedder.proj.weight")[0]
+    info["patch_depth"] = len({k.split(".")[1] for k in mapping if k.startswith("patch_blocks.")})
+    if conv is None:
+        info["family"] = "pixeldit"
+    else:
+        v15 = shape("pit_lq_gate.log_alpha") is not None
+        info["family"] = "v1.5" if v15 else "v1"
+        info["lq_conv_in_channels"] = conv[1]
+        info["lq_hidden_dim"] = conv[0]
+    candidates = matching_presets(checkpoint)
+    info["presets"] = [p.name for p in candidates]
+    if candidates and candidates[0].net.lq is not None:
+        info["latent_channels"] = candidates[0].net.lq.latent_channels
+        info["backbones"] = sorted({p.backbone for p in candidates})
+    return info
+
+
+# --------------------------------------------------------------------------- building and loading
+def build_network(
+    preset: str | Preset | NetConfig, device: str | torch.device = "meta", dtype: torch.dtype | str | None = None
+) -> PiDNet:
+    """The un-loaded network of a preset (or config). On ``meta`` it allocates nothing."""
+    config = preset if isinstance(preset, NetConfig) else resolve_preset(preset).net
+    with torch.device(device):
+        net = PiDNet(config)
+    if dtype is not None:
+        net = net.to(parse_dtype(dtype))
+    return net
+
+
+def _resolve_config(
+    checkpoint: CheckpointFile, config: NetConfig | Mapping | None, preset: str | Preset | None
+) -> tuple[NetConfig, Preset | None]:
+    if config is not None:
+        cfg = config if isinstance(config, NetConfig) else NetConfig.from_dict(dict(config))
+        return cfg, resolve_preset(preset) if preset is not None else None
+    if preset is not None:
+        p = resolve_preset(preset)
+        return p.net, p
+    stored = checkpoint.config
+    if stored is not None:
+        name = checkpoint.preset_name
+        return stored, PRESETS.get(name) if name else None
+    candidates = matching_presets(checkpoint)
+    if not candidates:
+        info = detect_variant(checkpoint)
+        raise ValueError(
+            f"{checkpoint.path} does not match any released PiD preset (detected: {info.get('family')}, "
+            f"hidden {info.get('hidden_size')}, LQ conv input channels {info.get('lq_conv_in_channels')}). "
+            "For a self-trained network pass config= (a NetConfig or the reference's net arguments as JSON)."
+        )
+    backbones = {p.backbone for p in candidates}
+    nets = {p.net for p in candidates}
+    if len(backbones) > 1 or len(nets) > 1:
+        raise ValueError(
+            f"{checkpoint.path} fits several presets whose files have identical keys and shapes: "
+            + ", ".join(f"{p.alias} ({p.name})" for p in candidates)
+            + ". Pass preset= (or --preset) to say which latent space it was trained on."
+        )
+    return candidates[0].net, candidates[0]
+
+
+def load_network(
+    checkpoint: str | os.PathLike | CheckpointFile,
+    config: NetConfig | Mapping | None = None,
+    *,
+    preset: str | Preset | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> PiDNet:
+    """Load a checkpoint into a `PiDNet` in eval mode, straight onto ``device`` in ``dtype``.
+
+    ``config`` (a `NetConfig` or the reference's network keyword arguments) or ``preset`` say which network
+    the file holds; without them it is read from our safetensors metadata or detected from the keys, which
+    fails (naming the candidates) where released files are indistinguishable (FLUX.1 vs SD3 vs Qwen-Image).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, CheckpointFile) else open_checkpoint(checkpoint)
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    cfg, chosen = _resolve_config(ckpt, config, preset)
+    mapping, dropped = network_keys(ckpt)
+    if dropped:
+        logger.debug("ignoring %d keys not used at inference: %s", len(dropped), _listing(dropped))
+    problems = check_keys(cfg, {name: ckpt.shapes[key] for name, key in mapping.items()})
+    if problems:
+        label = chosen.alias if chosen else "the given config"
+        fits = [p.alias for p in matching_presets(ckpt)]
+        hint = f" The file fits: {', '.join(fits)}." if fits else ""
+        raise ValueError(f"{ckpt.path} does not match {label}: " + "; ".join(problems) + "." + hint)
+
+    net = build_network(cfg, device="meta")
+    state = {name: ckpt.tensor(key).to(device=device, dtype=dtype) for name, key in mapping.items()}
+    net.load_state_dict(state, strict=True, assign=True)
+    del state
+    net.requires_grad_(False)
+    net.preset = chosen
+    logger.info("loaded %s (%s, %.1f M parameters) as %s on %s", ckpt.path, cfg.family, count_parameters(net) / 1e6, dtype, device)
+    return net.eval()
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# --------------------------------------------------------------------------- writing
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Run ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_safetensors(
+    net: PiDNet, path: str | os.PathLike, *, preset: str | Preset | None = None, dtype: torch.dtype | str = torch.bfloat16
+) -> Path:
+    """Write the network as safetensors (reference key names, no prefix) with its config in the metadata."""
+    from safetensors.torch import save_file
+
+    dtype = parse_dtype(dtype)
+    preset = preset if preset is not None else getattr(net, "preset", None)
+    name = resolve_preset(preset).name if preset is not None else ""
+    tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in net.state_dict().items()}
+    metadata = {"format": FORMAT, "config": net.config.to_json(), "preset": name}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def convert(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    preset: str | Preset | None = None,
+    config: NetConfig | Mapping | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+) -> Path:
+    """Convert an official ``.pth`` (or any supported file) to bf16 safetensors with the config embedded."""
+    net = load_network(source, config, preset=preset, dtype=dtype, device="cpu")
+    return save_safetensors(net, target, preset=net.preset, dtype=dtype)
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Facts about a checkpoint for `pid-decoder info`: variant, parameter count, dtypes, metadata."""
+    ckpt = open_checkpoint(path)
+    info = detect_variant(ckpt)
+    mapping, _ = network_keys(ckpt)
+    info["parameters"] = sum(_numel(ckpt.shapes[k]) for k in mapping.values())
+    info["dtypes"] = sorted({str(ckpt.dtypes[k]).replace("torch.", "") for k in ckpt.keys})
+    if ckpt.metadata.get("format") == FORMAT:
+        info["stored_preset"] = ckpt.preset_name
+        info["stored_config"] = json.loads(ckpt.metadata["config"])
+    return info
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
