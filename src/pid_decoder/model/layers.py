@@ -62,8 +62,8 @@ class SwiGLU(nn.Module):
         super().__init__()
         hidden = int(2 * (4 * dim) / 3)
         self.w1 = Linear(dim, hidden, bias=False)
-        self.w2 = Linear(hidden, dim, bias=False)
         self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
