@@ -1,0 +1,136 @@
+"""Weight files for the backbones: shipped configs, reading state dicts, strict key/shape checks.
+
+Every loader ends in `load_checked`, which names each missing, unexpected or mis-shaped tensor before
+anything is loaded, so a file for another VAE fails with a message instead of a garbled latent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def shipped_config(file_name: str) -> dict[str, Any]:
+    """A diffusers config shipped in `backbones/configs/`, without the `_comment` note."""
+    with open(CONFIG_DIR / file_name, encoding="utf-8") as f:
+        config = json.load(f)
+    config.pop("_comment", None)
+    return config
+
+
+def read_config(config: str | os.PathLike | dict | None, default_file: str) -> dict[str, Any]:
+    """`config` as a dict: a dict, a JSON file, a folder holding config.json, or None for the shipped default."""
+    if config is None:
+        return shipped_config(default_file)
+    if isinstance(config, dict):
+        return dict(config)
+    p = Path(config)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"config file {str(p)!r} does not exist; pass a JSON file, a folder with config.json or a dict"
+        )
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def missing_file(what: str, path: str | os.PathLike, backbone: str, needs: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{what} for backbone {backbone!r} not found at {str(path)!r}. It needs {needs}.")
+
+
+def read_state_dict(path: str | os.PathLike, backbone: str, needs: str) -> dict[str, torch.Tensor]:
+    """Load a flat tensor dict from .safetensors (or .pt/.pth/.bin with weights_only=True) on the CPU."""
+    p = Path(path)
+    if not p.is_file():
+        raise missing_file("weight file", p, backbone, needs)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p), device="cpu")
+    elif p.suffix in WEIGHT_SUFFIXES:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict) and len(state) <= 3:
+                state = state[wrapper]
+    else:
+        raise ValueError(
+            f"backbone {backbone!r}: cannot read weight file {str(p)!r} (suffix {p.suffix!r}); "
+            f"expected one of {', '.join(WEIGHT_SUFFIXES)}. It needs {needs}."
+        )
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"backbone {backbone!r}: {str(p)!r} does not hold a flat dict of tensors")
+    return state
+
+
+def _listing(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def load_checked(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    backbone: str,
+    *,
+    ignore_unexpected: tuple[str, ...] = (),
+) -> None:
+    """Load `state` into `model` strictly after naming every key and shape that does not line up."""
+    expected = model.state_dict()
+    unexpected = [k for k in state if k not in expected and not k.startswith(ignore_unexpected)]
+    missing = [k for k in expected if k not in state]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if wrong or missing or unexpected:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es): {_listing(wrong, 3)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+        raise ValueError(
+            f"{source!r} does not match the {backbone} backbone ({'; '.join(parts)}). "
+            f"Is this the weight file of another VAE? Check --backbone / load_backbone({backbone!r}, ...)."
+        )
+    state = {k: v for k, v in state.items() if k in expected}
+    model.load_state_dict(state, strict=True)
+
+
+def is_ldm_layout(state: dict[str, torch.Tensor]) -> bool:
+    """True for BFL / original-LDM VAE naming (`encoder.down.0.block.0...`), False for diffusers naming."""
+    return any(".down.0.block." in k or k.startswith(("first_stage_model.", "encoder.down.")) for k in state)
+
+
+def find_file(folder: Path, candidates: tuple[str, ...]) -> Path | None:
+    """The first of `candidates` (paths relative to `folder`) that exists."""
+    for rel in candidates:
+        if (folder / rel).is_file():
+            return folder / rel
+    return None
+
+
+def diffusers_folder(path: Path) -> Path | None:
+    """`path` or `path/vae` when it is a diffusers model folder (config.json plus weights)."""
+    for folder in (path, path / "vae"):
+        if (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model*")):
+            return folder
+    return None
