@@ -124,3 +124,20 @@ def test_student_rejects_pixeldit(tiny_config):
     net = PiDNet(dataclasses.replace(tiny_config, lq=None))
     with pytest.raises(ValueError, match="sample_teacher"):
         sample(net, None, torch.randn(1, 4, 24), None, height=32, width=32)
+
+
+def test_full_window_equals_plain_decode(tiny_net):
+    from pid_decoder.model.net import Window
+
+    lq, text, sigma = _inputs()
+    x = torch.randn(1, 3, 64, 96)
+    t = torch.tensor([700.0])
+    with torch.inference_mode():
+        plain = tiny_net.denoise(x, t, tiny_net.prepare(text, lq, sigma, 64, 96))
+        windowed = tiny_net.denoise(x, t, tiny_net.prepare(text, lq, sigma, 64, 96, window=Window(0, 0, 64, 96)))
+        assert torch.equal(plain, windowed)
+        part = tiny_net.prepare(text, lq, sigma, 32, 48, window=Window(16, 32, 64, 96))
+        assert part.rope_patch[0].shape[0] == 2 * 3 and part.lq_feats[0].shape[1] == 6
+        assert tiny_net.denoise(x[..., 16:48, 32:80], t, part).shape == (1, 3, 32, 48)
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny_net.prepare(text, lq, sigma, 64, 64, window=Window(16, 48, 64, 96))

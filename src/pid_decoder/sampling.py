@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .model.net import Conditioning, PiDNet
+from .model.net import Conditioning, PiDNet, Window
 
 STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
 TIMESCALE = 1000.0
@@ -97,6 +97,7 @@ def sample(
     clamp: bool = True,
     chunk: int | None = None,
     callback: StepCallback | None = None,
+    window: Window | None = None,
 ) -> torch.Tensor:
     """Distilled student sampler -> (B, 3, height, width) float32 in [-1, 1].
 
@@ -112,13 +113,15 @@ def sample(
         clamp: clamp the output to [-1, 1] (the reference always does).
         chunk: bound on the patch tokens the pixel pathway processes at once (memory); None = all.
         callback: called as ``callback(done, total)`` after each step.
+        window: decode only this crop of a larger image (positions and LQ features of the full image;
+            ``lq_latent`` is the full latent, ``height``/``width`` the crop size). See `PiDNet.prepare`.
     """
     if net.config.lq is None:
         raise ValueError("sample() is the PiD student sampler; PixelDiT (no latent input) uses sample_teacher()")
     if mode not in ("sde", "ode"):
         raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
     t_list = student_t_list(steps)
-    cond = net.prepare(text, lq_latent, degrade_sigma, height, width)
+    cond = net.prepare(text, lq_latent, degrade_sigma, height, width, window=window)
     device = net.device
     shape = (cond.batch, net.config.in_channels, height, width)
     x = _initial_noise(noise, shape, generator, device)

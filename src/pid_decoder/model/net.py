@@ -58,6 +58,33 @@ class Conditioning:
         return self.text.shape[0]
 
 
+@dataclass(frozen=True)
+class Window:
+    """A crop of a larger image, in pixels: the crop starts at (top, left) of a height x width image."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def _crop_to_window(cond: Conditioning, window: Window, grid: tuple[int, int], ps: int) -> None:
+    """Restrict full-image conditioning to the window's patch tokens (row-major)."""
+    top, left = window.top // ps, window.left // ps
+    h, w = cond.height // ps, cond.width // ps
+    rows = torch.arange(top, top + h)[:, None] * grid[1] + torch.arange(left, left + w)[None]
+    index = rows.flatten().to(cond.text.device)  # (h*w,) token indices in the full grid
+    pick = lambda table: tuple(t[index] for t in table)  # noqa: E731
+    cond.rope_patch = pick(cond.rope_patch)
+    cond.rope_pixel = pick(cond.rope_pixel)
+    col, row = cond.pixel_pos
+    cond.pixel_pos = (col[window.left: window.left + cond.width], row[window.top: window.top + cond.height])
+    if cond.lq_feats is not None:
+        cond.lq_feats = [f[:, index] for f in cond.lq_feats]
+    if cond.pit_feat is not None:
+        cond.pit_feat = cond.pit_feat[:, index]
+
+
 class PiDNet(nn.Module):
     """The PiD network (``config.lq`` set) or the text-to-image PixelDiT (``config.lq is None``)."""
 
@@ -113,14 +140,24 @@ class PiDNet(nn.Module):
         degrade_sigma: torch.Tensor | float | None,
         height: int,
         width: int,
+        *,
+        window: Window | None = None,
     ) -> Conditioning:
-        """Validate the inputs and compute the step-independent conditioning."""
-        from .validation import check_inputs
+        """Validate the inputs and compute the step-independent conditioning.
 
-        sigma = check_inputs(self.config, text, lq_latent, degrade_sigma, height, width)
+        With ``window``, the conditioning is for the ``height x width`` crop at (window.top, window.left) of a
+        ``window.height x window.width`` image: positions (RoPE, pixel sin-cos) and LQ features are those of the
+        full image (``lq_latent`` is the full image's latent), so a windowed decode sees consistent positions.
+        """
+        from .validation import check_inputs, check_window
+
+        full_h, full_w = (window.height, window.width) if window else (height, width)
+        sigma = check_inputs(self.config, text, lq_latent, degrade_sigma, full_h, full_w)
+        if window is not None:
+            check_window(self.config, window, height, width)
         cfg, dev = self.config, self.device
         ps = cfg.patch_size
-        grid = (height // ps, width // ps)
+        grid = (full_h // ps, full_w // ps)
         T = min(text.shape[1], cfg.txt_max_length)
         y = text[:, :T].to(device=dev, dtype=self.dtype)  # parity: text beyond txt_max_length is dropped
         y = self.y_embedder.norm(self.y_embedder.proj(y)) + self.y_pos_embedding[:, :T]  # (B, T, D)
@@ -131,11 +168,13 @@ class PiDNet(nn.Module):
             rope_patch=rope_2d(*grid, cfg.head_dim, cfg.rope_mode, cfg.rope_ref_grid, dev),
             rope_text=rope_1d(T, cfg.head_dim, cfg.text_rope_theta, dev) if cfg.use_text_rope else None,
             rope_pixel=rope_2d(*grid, cfg.pixel_head_dim, cfg.rope_mode, cfg.rope_ref_grid, dev),
-            pixel_pos=pixel_sincos(height, width, cfg.pixel_hidden_size, dev, torch.float32),
+            pixel_pos=pixel_sincos(full_h, full_w, cfg.pixel_hidden_size, dev, torch.float32),
         )
         if self.lq_proj is not None:
             cond.lq_feats, cond.pit_feat = self.lq_proj(lq_latent.to(dev), grid)
             cond.sigma = sigma.to(dev)
+        if window is not None:
+            _crop_to_window(cond, window, grid, ps)
         return cond
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, chunk: int | None = None) -> torch.Tensor:

@@ -110,3 +110,15 @@ def check_x_t(config: NetConfig, x: torch.Tensor, t: torch.Tensor, batch: int | 
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
         raise ValueError(f"t must be a scalar or a ({x.shape[0]},) tensor on the 0-1000 scale, got shape {_shape(t)}")
     _check_finite("x", x)
+
+
+def check_window(config: NetConfig, window, height: int, width: int) -> None:
+    ps = config.patch_size
+    check_size(config, height, width)
+    if window.top % ps or window.left % ps or window.top < 0 or window.left < 0:
+        raise ValueError(f"window offset ({window.top}, {window.left}) must be non-negative multiples of {ps}")
+    if window.top + height > window.height or window.left + width > window.width:
+        raise ValueError(
+            f"window {height}x{width} at ({window.top}, {window.left}) does not fit in the "
+            f"{window.height}x{window.width} image"
+        )
