@@ -120,25 +120,53 @@ def sample(
         raise ValueError("sample() is the PiD student sampler; PixelDiT (no latent input) uses sample_teacher()")
     if mode not in ("sde", "ode"):
         raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
-    t_list = student_t_list(steps)
     cond = net.prepare(text, lq_latent, degrade_sigma, height, width, window=window)
-    device = net.device
     shape = (cond.batch, net.config.in_channels, height, width)
-    x = _initial_noise(noise, shape, generator, device)
+    x = _initial_noise(noise, shape, generator, net.device)
+    return student_loop(
+        lambda x, t: net.denoise(x, t, cond, chunk=chunk), x, steps, mode=mode, generator=generator,
+        step_noise=step_noise, clamp=clamp, callback=callback,
+    )
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,3,H,W), t*1000 (B,)) -> v (B,3,H,W)
+
+
+def student_loop(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    steps: int = 4,
+    *,
+    mode: str = "sde",
+    generator: torch.Generator | None = None,
+    step_noise: Sequence[torch.Tensor] | None = None,
+    clamp: bool = True,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """The student's update rule around any denoiser (plain, windowed/tiled, compiled...).
+
+    ``x`` is the initial noise; per-step noise is drawn from ``generator`` (or taken from ``step_noise``).
+    """
+    if mode not in ("sde", "ode"):
+        raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
+    t_list = student_t_list(steps)
     n_draws = sum(1 for t in t_list[1:].tolist() if t > 0)
     if step_noise is not None and mode == "sde" and len(step_noise) < n_draws:
         raise ValueError(f"step_noise must hold {n_draws} tensors for {steps} steps, got {len(step_noise)}")
-
+    device, batch = x.device, x.shape[0]
     ts = t_list.to(device)
     total = len(t_list) - 1
     draws = 0
     for i in range(total):
         t_cur, t_next = ts[i], ts[i + 1]
-        v = net.denoise(x, (t_cur * TIMESCALE).expand(cond.batch), cond, chunk=chunk)  # (B, 3, H, W)
+        v = denoise(x, (t_cur * TIMESCALE).expand(batch))  # (B, 3, H, W)
         x0 = _x0_from_velocity(x, t_cur, v)
         if t_list[i + 1].item() > 0:  # CPU tensor: no device sync
             if mode == "sde":
-                eps = step_noise[draws].to(device) if step_noise is not None else _draw(shape, generator, device)
+                if step_noise is not None:
+                    eps = step_noise[draws].to(device)
+                else:
+                    eps = _draw(tuple(x.shape), generator, device)
                 draws += 1
                 x = (1 - t_next) * x0 + t_next * eps
             else:
