@@ -141,3 +141,22 @@ def test_full_window_equals_plain_decode(tiny_net):
         assert tiny_net.denoise(x[..., 16:48, 32:80], t, part).shape == (1, 3, 32, 48)
     with pytest.raises(ValueError, match="does not fit"):
         tiny_net.prepare(text, lq, sigma, 64, 64, window=Window(16, 48, 64, 96))
+
+
+def test_memory_budget_picks_a_chunk_and_keeps_the_image(tiny_net):
+    from pid_decoder.model.memory import choose_chunk, parse_memory, pixel_bytes_per_token
+
+    assert parse_memory("4GB") == 4 * 2**30 and parse_memory("512 MiB") == 512 * 2**20 and parse_memory(1000) == 1000
+    with pytest.raises(ValueError, match="memory budget"):
+        parse_memory("lots")
+    cfg = tiny_net.config
+    per = pixel_bytes_per_token(cfg, torch.float32)
+    cpu = torch.device("cpu")
+    assert choose_chunk(cfg, 24, cpu, torch.float32, max_memory=10**9) is None  # everything fits
+    small = choose_chunk(cfg, 24, cpu, torch.float32, max_memory=24 * 200 + 5 * per)
+    assert small is not None and 1 <= small < 24
+    lq, text, sigma = _inputs()
+    noise = torch.randn(1, 3, 64, 96)
+    full = sample(tiny_net, lq, text, sigma, height=64, width=96, mode="ode", noise=noise, chunk=10**6)
+    tight = sample(tiny_net, lq, text, sigma, height=64, width=96, mode="ode", noise=noise, max_memory=24 * 200 + 5 * per)
+    torch.testing.assert_close(tight, full, rtol=1e-5, atol=1e-5)

@@ -316,6 +316,9 @@ def load_network(
     state = {name: ckpt.tensor(key).to(device=device, dtype=dtype) for name, key in mapping.items()}
     net.load_state_dict(state, strict=True, assign=True)
     del state
+    for module in net.modules():  # norms and gate scalars stay float32 (see model.layers.Float32Params)
+        if hasattr(module, "restore_float32"):
+            module.restore_float32()
     net.requires_grad_(False)
     net.preset = chosen
     logger.info("loaded %s (%s, %.1f M parameters) as %s on %s", ckpt.path, cfg.family, count_parameters(net) / 1e6, dtype, device)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .model.memory import choose_chunk
 from .model.net import Conditioning, PiDNet, Window
 
 STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
@@ -96,6 +97,7 @@ def sample(
     step_noise: Sequence[torch.Tensor] | None = None,
     clamp: bool = True,
     chunk: int | None = None,
+    max_memory: int | str | None = None,
     callback: StepCallback | None = None,
     window: Window | None = None,
 ) -> torch.Tensor:
@@ -111,7 +113,9 @@ def sample(
         generator: source of the initial and per-step noise (None: the global RNG on the net's device).
         noise: explicit initial noise (B, 3, H, W); ``step_noise``: explicit per-step noise for "sde".
         clamp: clamp the output to [-1, 1] (the reference always does).
-        chunk: bound on the patch tokens the pixel pathway processes at once (memory); None = all.
+        chunk: patch tokens the pixel pathway processes at once; None = chosen from ``max_memory``.
+        max_memory: memory budget for the pixel pathway (bytes or "4GB"); None = from the free device
+            memory on CUDA, a cache-friendly chunk on CPU. Every chunk size gives the same result.
         callback: called as ``callback(done, total)`` after each step.
         window: decode only this crop of a larger image (positions and LQ features of the full image;
             ``lq_latent`` is the full latent, ``height``/``width`` the crop size). See `PiDNet.prepare`.
@@ -121,6 +125,7 @@ def sample(
     if mode not in ("sde", "ode"):
         raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
     cond = net.prepare(text, lq_latent, degrade_sigma, height, width, window=window)
+    chunk = _resolve_chunk(net, cond, chunk, max_memory)
     shape = (cond.batch, net.config.in_channels, height, width)
     x = _initial_noise(noise, shape, generator, net.device)
     return student_loop(
@@ -178,6 +183,16 @@ def student_loop(
     return x.clamp(-1, 1) if clamp else x
 
 
+def _resolve_chunk(net: PiDNet, cond: Conditioning, chunk: int | None, max_memory, batch_factor: int = 1):
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1 patch tokens, got {chunk}")
+        return chunk
+    ps = net.config.patch_size
+    tokens = batch_factor * cond.batch * (cond.height // ps) * (cond.width // ps)
+    return choose_chunk(net.config, tokens, net.device, net.dtype, max_memory)
+
+
 def _prepare_negative(net: PiDNet, negative_text: torch.Tensor, batch: int) -> torch.Tensor:
     if not torch.is_tensor(negative_text) or negative_text.ndim not in (2, 3):
         raise ValueError("negative_text must be a (T, D), (1, T, D) or (B, T, D) text embedding tensor")
@@ -209,6 +224,7 @@ def sample_teacher(
     noise: torch.Tensor | None = None,
     clamp: bool = True,
     chunk: int | None = None,
+    max_memory: int | str | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Undistilled teacher sampler (multistep DPM-Solver++, order 2, first-order last step) with
@@ -229,6 +245,7 @@ def sample_teacher(
         negative_text = _prepare_negative(net, negative_text, batch)
         cond_neg = net.prepare(negative_text, lq_latent, degrade_sigma, height, width)
     pixeldit = net.config.lq is None
+    chunk = _resolve_chunk(net, cond, chunk, max_memory, batch_factor=2 if guided else 1)
     same_len = guided and cond_neg.text.shape[1] == cond.text.shape[1]
     cond_pair = _stack_conditions(cond_neg, cond) if pixeldit and same_len else None
     device = net.device

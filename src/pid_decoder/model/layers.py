@@ -13,6 +13,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Float32Params:
+    """Mixin for small modules whose parameters stay float32 whatever dtype the network is cast to.
+
+    Norm weights and gate scalars are tiny; keeping them float32 avoids casting them on every call.
+    """
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.restore_float32()
+        return self
+
+    def restore_float32(self) -> None:
+        for param in self.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` that casts its input to the weight dtype (bf16 weights, fp32 residual streams)."""
 
@@ -27,16 +44,14 @@ class Conv2d(nn.Conv2d):
         return super().forward(x.to(self.weight.dtype))
 
 
-class GroupNorm32(nn.GroupNorm):
+class GroupNorm32(Float32Params, nn.GroupNorm):
     """GroupNorm evaluated in float32 whatever the weight dtype (as CUDA autocast does)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps)
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Float32Params, nn.Module):
     """RMSNorm whose statistics are computed in float32."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -48,7 +63,7 @@ class RMSNorm(nn.Module):
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         # parity: the reference casts back to the input dtype before multiplying by its float32 weight.
-        return normed.to(x.dtype) * self.weight.float()
+        return normed.to(x.dtype) * self.weight
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

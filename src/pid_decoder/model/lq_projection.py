@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, GroupNorm32, Linear
+from .layers import Conv2d, Float32Params, GroupNorm32, Linear
 
 from ..config import LQConfig
 
@@ -33,7 +33,7 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
-class SigmaGate(nn.Module):
+class SigmaGate(Float32Params, nn.Module):
     """``x + sigmoid(content_proj([x, lq]) - exp(log_alpha) * sigma) * lq``.
 
     ``per_dim=False`` (v1.5): one logit per token; ``per_dim=True`` (v1): one logit per token and channel.
@@ -47,7 +47,7 @@ class SigmaGate(nn.Module):
     def forward(self, x: torch.Tensor, lq: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x, lq (B, L, D); sigma (B,) float32."""
         logits = self.content_proj(torch.cat([x, lq.to(x.dtype)], dim=-1)).float()  # (B, L, 1 | D)
-        logits = logits - self.log_alpha.float().exp() * sigma.float()[:, None, None]
+        logits = logits - self.log_alpha.exp() * sigma.float()[:, None, None]
         gate = torch.sigmoid(logits)
         return x + gate * lq  # float32 residual stream
 
