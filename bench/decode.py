@@ -61,11 +61,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-memory", default=None, help="memory budget for the pixel pathway, e.g. 4GB")
     parser.add_argument("--chunk", type=int, default=None, help="explicit pixel-pathway chunk (patch tokens)")
+    parser.add_argument(
+        "--autocast", action="store_true",
+        help="reference-style precision: float32 weights under bf16 autocast (a proxy for the reference's timing)",
+    )
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = torch.bfloat16 if args.dtype == "bf16" and not args.autocast else torch.float32
     device = torch.device(args.device)
     cfg = SIZES[args.size] if args.size in SIZES else resolve_preset(args.size).net
     torch.manual_seed(0)
@@ -85,7 +89,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = sample(net, latent, text, 0.0, generator=torch.Generator().manual_seed(0), **kwargs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            out = sample(net, latent, text, 0.0, generator=torch.Generator().manual_seed(0), **kwargs)
         out.cpu()
         return time.perf_counter() - start
 
@@ -96,7 +101,7 @@ def main() -> None:
     times = [run() for _ in range(args.runs)]
     flops = network_flops(cfg, args.height, args.width, text.shape[1]) * args.steps * args.batch
     result = {
-        "size": args.size, "height": args.height, "width": args.width, "dtype": args.dtype,
+        "size": args.size, "height": args.height, "width": args.width, "dtype": "autocast-bf16" if args.autocast else args.dtype,
         "device": str(device), "threads": torch.get_num_threads(), "steps": args.steps, "batch": args.batch,
         "runs": args.runs, "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
         "tflops": round(flops / statistics.median(times) / 1e12, 3),

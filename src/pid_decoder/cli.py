@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 logger = logging.getLogger("pid_decoder.cli")
 
@@ -159,6 +160,481 @@ def cmd_embed(args: argparse.Namespace) -> int:
 cmd_embed.arguments = _embed_args
 
 
+# --------------------------------------------------------------------------- decoding: shared options
+DEFAULT_PRESET = "flux-2k"  # the reference's default (--backbone flux --pid_ckpt_type 2k)
+DEFAULT_OUTPUT_DIR = "pid_outputs"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", help=f"preset alias or released folder name (default {DEFAULT_PRESET}); see `presets`")
+    g.add_argument("--checkpoint", help="a checkpoint file instead of the preset's weights (.pth / .safetensors)")
+    g.add_argument("--config", help="JSON network arguments for --checkpoint (the reference's, or NetConfig fields)")
+    g.add_argument("--backbone", help="latent space of a --checkpoint without preset (flux, sd3, sdxl, flux2, ...)")
+    g.add_argument("--weights-dir", help="local mirror of the release (default $PID_WEIGHTS_DIR, else the HF cache)")
+    g.add_argument("--backbone-path", help="VAE/RAE weights (file or folder) instead of the weights folder's")
+    g.add_argument("--text-encoder", help="Gemma-2-2b-it: a local folder or a hub id (default the released one)")
+    g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on cuda, else fp32")
+
+
+def _sampling_args(p: argparse.ArgumentParser, *, seed: int, prompt: bool = True) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--seed", type=int, default=seed,
+                   help=f"all noise comes from a CPU generator seeded with this (default {seed})")
+    g.add_argument("--steps", type=int, help="sampler steps (default: the preset's, 4 for the distilled ones)")
+    if prompt:
+        g.add_argument("--prompt", default=None, help="caption for PiD (default: the empty prompt)")
+        g.add_argument("--text-embedding", help="a prompt embedding file from `pid-decoder embed` (no Gemma needed)")
+    g.add_argument("--negative-embedding",
+                   help="undistilled presets only: the negative prompt as an embedding file (default: Gemma encodes "
+                        "the reference's negative prompt)")
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", help=f"output folder (default ./{DEFAULT_OUTPUT_DIR}) or, for one input, a file")
+    g.add_argument("--format", choices=["png", "jpg", "webp"], help="image format (default png, or -o's suffix)")
+    g.add_argument("--compare", action="store_true", help="also write NAME_compare.EXT: native VAE decode | PiD")
+    g.add_argument("--save-baseline", action="store_true", help="also write NAME_vae.EXT, the native VAE decode")
+    g.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: skip them)")
+
+
+def _progress(args: argparse.Namespace):
+    """tqdm factory writing to stderr, silent with -q."""
+    from tqdm.auto import tqdm
+
+    def make(*a, **kw):
+        kw.setdefault("file", sys.stderr)
+        kw.setdefault("disable", args.quiet)
+        kw.setdefault("dynamic_ncols", True)
+        return tqdm(*a, **kw)
+
+    return make
+
+
+class _StepBar:
+    """`sample()` callback driving one short-lived tqdm bar per item."""
+
+    def __init__(self, make, desc: str = "steps"):
+        self.make, self.desc, self.bar = make, desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = self.make(total=total, desc=self.desc, leave=False, unit="step")
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    if not quiet:
+        return
+    import os
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers is first imported
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    if args.config and not args.checkpoint:
+        raise UsageError("--config describes a --checkpoint file; give --checkpoint too")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise UsageError(f"--checkpoint file not found: {args.checkpoint}")
+    if args.backbone_path and not Path(args.backbone_path).exists():
+        raise UsageError(f"--backbone-path not found: {args.backbone_path}")
+    if args.negative_embedding and not Path(args.negative_embedding).is_file():
+        raise UsageError(f"--negative-embedding file not found: {args.negative_embedding}")
+    if getattr(args, "text_embedding", None) and not Path(args.text_embedding).is_file():
+        raise UsageError(f"--text-embedding file not found: {args.text_embedding}")
+    if getattr(args, "text_embedding", None) and getattr(args, "prompt", None) is not None:
+        raise UsageError("give --prompt or --text-embedding, not both")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    sigma = getattr(args, "sigma", 0.0)
+    if not 0.0 <= sigma <= 1.0:
+        raise UsageError(f"--sigma must be in [0, 1], got {sigma}")
+    from .presets import resolve_preset
+
+    if args.preset:
+        try:
+            resolve_preset(args.preset)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if args.backbone:
+        from .backbones import resolve_backbone_name
+
+        try:
+            resolve_backbone_name(args.backbone)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
+
+def _load_pipeline(args: argparse.Namespace, device: str, *, need_backbone: bool):
+    """PiDPipeline from the CLI options (checks and downloads every weight file before loading any)."""
+    from .pipeline import PiDPipeline
+
+    preset = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
+    config = read_config(args.config) if args.config else None
+    if need_backbone:
+        backbone = args.backbone_path or None
+    else:
+        backbone = False
+    bar = _progress(args)(total=1, desc="loading PiD", unit="model")
+    try:
+        pipe = PiDPipeline.from_pretrained(
+            args.checkpoint or preset, preset=preset if args.checkpoint else None, config=config,
+            weights_dir=args.weights_dir, device=device, dtype=args.dtype, text_encoder=args.text_encoder,
+            backbone=backbone, backbone_name=args.backbone,
+        )
+        bar.update(1)
+    finally:
+        bar.close()
+    if args.negative_embedding:
+        from .text import load_text_embedding
+
+        pipe.negative_embedding, _ = load_text_embedding(args.negative_embedding)
+    if pipe.net.config.lq is None:
+        raise UsageError(
+            "this checkpoint is the text-to-image PixelDiT (no latent input); upscale/decode/generate need a PiD "
+            "preset such as flux-4k"
+        )
+    return pipe
+
+
+def _text(pipe, args: argparse.Namespace):
+    """The caption embedding, computed once for the whole batch (Gemma loads only if the prompt is not cached)."""
+    return pipe.encode_text(args.prompt or "", args.text_embedding)
+
+
+def _output_plan(args: argparse.Namespace, items, *, single_file_ok: bool) -> tuple[Path, str, Path | None]:
+    """(output folder, format, explicit single output file or None)."""
+    from .io import FORMATS
+
+    out = Path(args.output) if args.output else None
+    suffix = out.suffix.lower().lstrip(".") if out is not None else ""
+    suffix = "jpg" if suffix == "jpeg" else suffix
+    if out is not None and suffix in FORMATS:
+        if not single_file_ok or len(items) != 1:
+            raise UsageError(f"-o {out} is a file name, but there are {len(items)} inputs; give a folder")
+        fmt = args.format or suffix
+        return out.parent, fmt, out
+    if out is not None and out.suffix and not out.is_dir():
+        raise UsageError(f"-o {out}: unknown image suffix {out.suffix!r}; use .png, .jpg or .webp, or a folder")
+    return (out or Path(DEFAULT_OUTPUT_DIR)), args.format or "png", None
+
+
+def _extras(path: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """Paths of the optional companions of an output: compare and baseline images."""
+    extra = {}
+    if args.compare:
+        extra["compare"] = path.with_name(f"{path.stem}_compare{path.suffix}")
+    if args.save_baseline:
+        extra["baseline"] = path.with_name(f"{path.stem}_vae{path.suffix}")
+    return extra
+
+
+def _done(path: Path, args: argparse.Namespace) -> bool:
+    return not args.overwrite and path.is_file() and all(p.is_file() for p in _extras(path, args).values())
+
+
+def _write(path: Path, image, baseline, args: argparse.Namespace, fmt: str) -> None:
+    from .io import compare_image, save_image
+
+    extra = _extras(path, args)
+    if "baseline" in extra:
+        save_image(baseline, extra["baseline"], fmt)
+    if "compare" in extra:
+        save_image(compare_image(baseline, image), extra["compare"], fmt)
+    save_image(image, path, fmt)  # last: its presence marks the item as done
+    print(path, flush=True)
+
+
+class _Batch:
+    """Counters, per-item error reporting and the closing summary of a batch command."""
+
+    def __init__(self, name: str, args: argparse.Namespace, ctx):
+        self.name, self.args, self.ctx = name, args, ctx
+        self.written = self.skipped = self.failed = 0
+
+    def fail(self, item: Path, err: BaseException) -> None:
+        self.failed += 1
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"pid-decoder {self.name}: failed: {item}: {message}", file=sys.stderr, flush=True)
+        if self.args.verbose:
+            logger.exception("item %s failed", item)
+
+    def finish(self) -> int:
+        from . import distributed
+
+        written, skipped, failed = distributed.total(self.ctx, [self.written, self.skipped, self.failed])
+        distributed.finish(self.ctx)
+        if self.ctx.rank == 0 and (not self.args.quiet or failed):
+            ranks = f" on {self.ctx.world} ranks" if self.ctx.world > 1 else ""
+            print(
+                f"pid-decoder {self.name}: {written} written, {skipped} skipped (already there), {failed} failed{ranks}",
+                file=sys.stderr,
+            )
+        return 1 if failed else 0
+
+
+def _start(args: argparse.Namespace):
+    """Distributed context and this rank's device."""
+    from . import distributed
+
+    _quiet_libraries(args.quiet)
+    ctx = distributed.init(args.device)
+    return ctx, distributed.rank_device(args.device, ctx)
+
+
+# --------------------------------------------------------------------------- upscale
+def _upscale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IMG|DIR", help="images, or folders searched recursively")
+    p.add_argument("--sigma", type=float, default=0.0, help="noise the latent at this level first (0..1, default 0)")
+    _model_args(p)
+    _sampling_args(p, seed=5)
+    _output_args(p)
+
+
+@command("upscale", "image -> VAE latent -> PiD image at the preset's scale (4x, or 8x for siglip)")
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from .io import IMAGE_SUFFIXES, read_image
+
+    _check_model_args(args)
+    items = _collect(args.inputs, IMAGE_SUFFIXES)
+    folder, fmt, single = _output_plan(args, items, single_file_ok=True)
+    ctx, device = _start(args)
+    batch = _Batch("upscale", args, ctx)
+    pipe = text = None
+    make = _progress(args)
+    mine = ctx.shard(len(items))
+    for idx in make(mine, desc="images", unit="img", disable=args.quiet or len(mine) < 2):
+        item = items[idx]
+        target = single or folder / item.rel.with_name(f"{item.rel.name}.{fmt}")
+        if _done(target, args):
+            batch.skipped += 1
+            continue
+        if pipe is None:
+            pipe = _load_pipeline(args, device, need_backbone=True)
+            text = _text(pipe, args)
+        try:
+            image = read_image(item.path)
+            need_baseline = args.compare or args.save_baseline
+            result = pipe.upscale(
+                image, text_embedding=text, sigma=args.sigma, seed=args.seed, steps=args.steps, index_offset=idx,
+                return_baseline=need_baseline, callback=_StepBar(make),
+            )
+            outs, bases = result if need_baseline else (result, [None])
+            _write(target, outs[0], bases[0], args, fmt)
+            batch.written += 1
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
+            batch.fail(item.path, err)
+    return batch.finish()
+
+
+cmd_upscale.arguments = _upscale_args
+
+
+def _collect(inputs: list[str], suffixes: tuple[str, ...]):
+    from .io import collect_inputs
+
+    try:
+        items = collect_inputs(inputs, suffixes)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if not items:
+        raise UsageError(f"no input files found (looked for {' '.join(suffixes)})")
+    return items
+
+
+# --------------------------------------------------------------------------- decode
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="LATENT|DIR",
+                   help="latent files (.safetensors key 'latent' or single tensor, .pt, .npy; (B,C,h,w) or (C,h,w))")
+    p.add_argument("--sigma", type=float, default=0.0,
+                   help="noise level of the latents in PiD's frame (0 = final/clean latent, default)")
+    _model_args(p)
+    _sampling_args(p, seed=0)
+    _output_args(p)
+
+
+@command("decode", "latent file(s) -> PiD images (32x the latent grid for 8x VAEs at 4x)")
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .io import LATENT_SUFFIXES, load_latent
+
+    _check_model_args(args)
+    items = _collect(args.inputs, LATENT_SUFFIXES)
+    folder, fmt, single = _output_plan(args, items, single_file_ok=True)
+    need_backbone = args.compare or args.save_baseline
+    ctx, device = _start(args)
+    batch = _Batch("decode", args, ctx)
+    pipe = text = None
+    make = _progress(args)
+    mine = ctx.shard(len(items))
+    for idx in make(mine, desc="latents", unit="file", disable=args.quiet or len(mine) < 2):
+        item = items[idx]
+        base = single or folder / item.rel.with_name(f"{item.rel.name}.{fmt}")
+        try:
+            latents = load_latent(item.path)
+        except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
+            batch.fail(item.path, err)
+            continue
+        n = latents.shape[0]
+        targets = [base] if n == 1 else [base.with_name(f"{base.stem}_{i}{base.suffix}") for i in range(n)]
+        if all(_done(t, args) for t in targets):
+            batch.skipped += 1
+            continue
+        if pipe is None:
+            pipe = _load_pipeline(args, device, need_backbone=need_backbone)
+            text = _text(pipe, args)
+        try:
+            for i, target in enumerate(targets):
+                if _done(target, args):
+                    continue
+                # item i of a file uses seed + i, as PiDPipeline.decode does for a batch
+                result = pipe.decode(
+                    latents[i : i + 1], text_embedding=text, sigma=args.sigma, seed=args.seed + i, steps=args.steps,
+                    return_baseline=need_backbone, callback=_StepBar(make),
+                )
+                images, bases = result if need_backbone else (result, [None])
+                _write(target, images[0], bases[0], args, fmt)
+            batch.written += 1
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
+            batch.fail(item.path, err)
+    return batch.finish()
+
+
+cmd_decode.arguments = _decode_args
+
+
+# --------------------------------------------------------------------------- generate
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt")
+    g.add_argument("--prompt", action="append", help="the prompt (repeat for several)")
+    g.add_argument("--prompt-file", help="UTF-8 file with one prompt per line")
+    g.add_argument("--pid-text-embedding", dest="text_embedding",
+                   help="PiD's caption as an embedding file (default: Gemma encodes the prompt)")
+    g = p.add_argument_group("LDM")
+    g.add_argument("--ldm", help="LDM defaults to use: flux, sd3, sdxl, flux2, flux2-klein-4b, flux2-klein-9b, "
+                                 "qwenimage, qwenimage-2512, zimage, zimage-turbo (default: the preset's backbone)")
+    g.add_argument("--ldm-model", help="diffusers pipeline folder or hub id (default: the LDM's released model)")
+    g.add_argument("--resolution", default="2048", help="FINAL output size, N or W,H (default 2048); LDM = this / scale")
+    g.add_argument("--ldm-steps", type=int, help="LDM steps (default per LDM, e.g. 28 for flux)")
+    g.add_argument("--guidance", type=float, help="LDM guidance scale (default per LDM, e.g. 3.5 for flux)")
+    g.add_argument("--capture-steps", type=int, nargs="*",
+                   help="decode x_t after these LDM steps too (default: the recommended one, e.g. 24 for flux)")
+    _model_args(p)
+    _sampling_args(p, seed=0, prompt=False)
+    _output_args(p)
+
+
+def _ldm_tag(args: argparse.Namespace) -> str:
+    """The LDM whose defaults `generate` uses: --ldm, else the latent space of --backbone / the preset."""
+    from .pipeline import LDM_DEFAULTS
+    from .presets import resolve_preset
+
+    if args.ldm:
+        tag = args.ldm
+    elif args.backbone:
+        tag = args.backbone
+    elif args.preset or not args.checkpoint:
+        tag = resolve_preset(args.preset or DEFAULT_PRESET).backbone or ""
+    else:
+        tag = "flux"
+    tag = tag.lower()
+    if tag not in LDM_DEFAULTS:
+        raise UsageError(f"no LDM is known for {tag!r}; pass --ldm (one of {', '.join(LDM_DEFAULTS)})")
+    return tag
+
+
+def _parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in str(text).replace("x", ",").split(",")]
+    except ValueError:
+        raise UsageError(f"--resolution must be N or W,H, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise UsageError(f"--resolution must be N or W,H with positive sizes, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return slug[:limit] or "prompt"
+
+
+@command("generate", "prompt -> diffusers LDM -> captured latents -> PiD images (with the LDM's own decode)")
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import ldm_defaults, load_ldm_pipeline
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            prompts += [ln.strip() for ln in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except FileNotFoundError:
+            raise UsageError(f"--prompt-file not found: {args.prompt_file}") from None
+    if not prompts:
+        raise UsageError("give --prompt TEXT or --prompt-file FILE")
+    args.prompt = None  # _check_model_args: the LDM prompt is not PiD's --prompt option
+    _check_model_args(args)
+    resolution = _parse_resolution(args.resolution)
+    folder, fmt, _ = _output_plan(args, prompts, single_file_ok=False)
+    tag = _ldm_tag(args)
+    defaults = ldm_defaults(tag)
+    n_steps = args.ldm_steps or defaults.steps
+    capture = [k for k in defaults.capture if k <= n_steps] if args.capture_steps is None else args.capture_steps
+    labels = [f"step_{k}" for k in sorted(set(capture))] + ["x0"]
+    ctx, device = _start(args)
+    batch = _Batch("generate", args, ctx)
+    pipe = ldm = None
+    make = _progress(args)
+    mine = ctx.shard(len(prompts))
+    for idx in make(mine, desc="prompts", unit="prompt", disable=args.quiet or len(mine) < 2):
+        prompt = prompts[idx]
+        sub = folder / f"{idx:04d}_{_slug(prompt)}"
+        targets = [sub / f"{label}.{fmt}" for label in labels]
+        if all(_done(t, args) for t in targets):
+            batch.skipped += 1
+            continue
+        if pipe is None:
+            pipe = _load_pipeline(args, device, need_backbone=False)
+            ldm = load_ldm_pipeline(args.ldm_model or defaults.model, device=pipe.device, dtype=pipe.net.dtype)
+            if hasattr(ldm, "set_progress_bar_config"):
+                ldm.set_progress_bar_config(disable=args.quiet, leave=False, file=sys.stderr)
+        try:
+            results = pipe.generate(
+                prompt, ldm_pipeline=ldm, backbone=tag, resolution=resolution, ldm_steps=args.ldm_steps,
+                guidance_scale=args.guidance, capture_steps=capture, seed=args.seed, ldm_seed=args.seed + idx,
+                steps=args.steps, text_embedding=args.text_embedding,
+                return_baseline=args.compare or args.save_baseline, callback=_StepBar(make),
+            )
+            for result, target in zip(results, targets):
+                _write(target, result.image, result.baseline, args, fmt)
+            batch.written += 1
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad prompt must not stop the batch
+            batch.fail(Path(f"prompt {idx}"), err)
+    return batch.finish()
+
+
+cmd_generate.arguments = _generate_args
+
+
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -175,6 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_common(p)
         p.set_defaults(func=func)
     return parser
+
+
+def _multi_line_error(err: BaseException) -> bool:
+    from .text import MissingTextEncoderError
+    from .weights import MissingWeightsError
+
+    return isinstance(err, (MissingWeightsError, MissingTextEncoderError))
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -197,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             logger.exception("failed")
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if _multi_line_error(err):  # these messages list what to download and where: print them whole
+            message = str(err).strip()
         print(f"pid-decoder {args.command}: error: {message}", file=sys.stderr)
         return 1
 

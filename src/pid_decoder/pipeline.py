@@ -1,0 +1,622 @@
+"""PiDPipeline: validate -> text -> latent -> sample -> image.
+
+    pipe = PiDPipeline.from_pretrained("flux-4k")                     # weights from $PID_WEIGHTS_DIR or the hub
+    images = pipe.decode(latents, prompt="a red fox in the snow")    # (B, 16, h, w) -> B PIL images, 32x larger
+    images = pipe.upscale(Image.open("photo.jpg"))                   # VAE encode -> PiD at 4x
+    results = pipe.generate("a red fox", ldm_pipeline=flux_pipe)     # LDM -> captured latents -> PiD
+
+Three entry points, as in the reference (pipelines.md):
+- `decode`: a normalised latent (plus its noise level σ) -> PiD image at ``latent size x down x scale``;
+- `upscale` (the reference's ``from_clean``): centre-crop to the backbone's multiple, encode, optionally
+  noise at σ with a CPU generator seeded ``seed + index``, decode with PiD seeded ``seed + index``;
+- `generate` (``from_ldm``): run a diffusers pipeline, capture x_t after chosen steps and the final latent,
+  and decode each with its σ, PiD seeded ``seed``.
+`decode_pipeline_latents` is the drop-in for ``vae.decode``: it takes what any supported diffusers pipeline
+returns with ``output_type="latent"``.
+
+Randomness: every draw (LDM noise, latent noise, PiD noise) comes from a CPU ``torch.Generator`` seeded as
+stated, so the same seed gives the same image on every device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import NetConfig, SamplerConfig
+from .presets import Preset, resolve_preset
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------- device / dtype
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu; anything else is passed to torch.device."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto" -> bf16 on CUDA, fp32 elsewhere; "bf16" / "fp32" (and torch dtypes) as given."""
+    from .checkpoints import parse_dtype
+
+    if dtype is None or str(dtype) == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(dtype)
+
+
+# --------------------------------------------------------------------------- LDM defaults (pipelines.md §2.1)
+@dataclass(frozen=True)
+class LDMDefaults:
+    """How the reference runs one LDM: hub id, steps, guidance, recommended capture step(s), extra kwargs."""
+
+    model: str
+    steps: int
+    guidance: float
+    capture: tuple[int, ...]  # recommended intermediate step(s) K; x0 is always decoded too
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_MSL = {"max_sequence_length": 512}
+LDM_DEFAULTS: dict[str, LDMDefaults] = {
+    "flux": LDMDefaults("black-forest-labs/FLUX.1-dev", 28, 3.5, (24,), _MSL),
+    "sd3": LDMDefaults("stabilityai/stable-diffusion-3-medium-diffusers", 28, 4.0, (24,)),
+    "sdxl": LDMDefaults("stabilityai/stable-diffusion-xl-base-1.0", 30, 7.5, (26,)),
+    "flux2": LDMDefaults("black-forest-labs/FLUX.2-dev", 50, 4.0, (46,), _MSL),
+    "flux2-klein-4b": LDMDefaults("black-forest-labs/FLUX.2-klein-4B", 4, 1.0, (), _MSL),
+    "flux2-klein-9b": LDMDefaults("black-forest-labs/FLUX.2-klein-9B", 4, 1.0, (), _MSL),
+    "qwenimage": LDMDefaults(
+        "Qwen/Qwen-Image", 50, 4.0, (44,), {**_MSL, "true_cfg_scale": 4.0, "negative_prompt": " "}
+    ),
+    "qwenimage-2512": LDMDefaults(
+        "Qwen/Qwen-Image-2512", 50, 4.0, (44,), {**_MSL, "true_cfg_scale": 4.0, "negative_prompt": " "}
+    ),
+    "zimage": LDMDefaults("Tongyi-MAI/Z-Image", 50, 5.0, (46,), _MSL),
+    "zimage-turbo": LDMDefaults("Tongyi-MAI/Z-Image-Turbo", 9, 0.0, (), _MSL),
+}
+# pipeline kind (backbones.packing.pipeline_kind) -> LDM tag used when the caller names none
+_KIND_TAG = {"flux2-klein": "flux2-klein-4b"}
+
+
+def ldm_defaults(tag: str) -> LDMDefaults:
+    key = tag.strip().lower()
+    if key not in LDM_DEFAULTS:
+        raise ValueError(f"unknown LDM {tag!r}; expected one of {', '.join(LDM_DEFAULTS)}")
+    return LDM_DEFAULTS[key]
+
+
+def load_ldm_pipeline(model: str, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """A diffusers pipeline from a hub id or local folder (``DiffusionPipeline.from_pretrained``)."""
+    from diffusers import DiffusionPipeline
+
+    from .weights import offline
+
+    logger.info("loading the LDM pipeline %s (%s) on %s", model, dtype, device)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=offline())
+    return pipe.to(device)
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Decoded:
+    """One decoded latent of `PiDPipeline.generate`."""
+
+    label: str  # "step_24" or "x0"
+    sigma: float  # the latent's noise level in PiD's frame
+    latent: torch.Tensor  # (1, C, h, w) float32, CPU
+    image: Any  # PIL image, PiD output
+    baseline: Any = None  # PIL image, native VAE decode (return_baseline=True)
+
+
+def _cpu_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def _bf16_round(latent: torch.Tensor) -> torch.Tensor:
+    # parity: the reference hands PiD (and the baseline decoder) the latent cast to bf16.
+    return latent.to(torch.bfloat16).float()
+
+
+class PiDPipeline:
+    """PiD network + the backbone of its latent space + a (lazy) Gemma text encoder.
+
+    Args:
+        net: a loaded `PiDNet` (`load_network`).
+        preset: the released preset it came from (sampler, backbone, scale); None for a self-trained net.
+        backbone: a backbone object (`load_backbone`), needed by `upscale` and for baselines; may be None.
+        text_encoder: a `TextEncoder`, a Gemma folder / hub id, or None for the default. Gemma is loaded only
+            when a prompt must be encoded (never when a text embedding is given or the prompt is cached).
+        sampler: overrides the preset's sampler (default: the preset's, else the 4-step student).
+        backbone_name: the latent space when there is no preset (e.g. "flux").
+        negative_embedding: (T, D) embedding of the negative prompt for the teacher presets (default: Gemma).
+    """
+
+    def __init__(
+        self,
+        net,
+        preset: Preset | str | None = None,
+        backbone: Any = None,
+        text_encoder: Any = None,
+        *,
+        sampler: SamplerConfig | None = None,
+        backbone_name: str | None = None,
+        negative_embedding: torch.Tensor | None = None,
+    ):
+        self.net = net
+        self.preset = resolve_preset(preset) if preset is not None else getattr(net, "preset", None)
+        self.sampler = sampler or (self.preset.sampler if self.preset is not None else SamplerConfig())
+        name = backbone_name or (self.preset.backbone if self.preset is not None else None)
+        if name is None and backbone is not None:
+            name = getattr(backbone, "name", None)
+        if name is not None:
+            from .backbones import resolve_backbone_name
+
+            name = resolve_backbone_name(name)
+        self.backbone_name = name
+        self.backbone = backbone
+        self._text_encoder = text_encoder
+        self.negative_embedding = negative_embedding
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        preset_or_path: str | os.PathLike | Preset | None = None,
+        *,
+        weights_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        text_encoder: Any = None,
+        backbone: Any = None,
+        preset: str | Preset | None = None,
+        config: NetConfig | dict | None = None,
+        backbone_name: str | None = None,
+        allow_download: bool | None = None,
+    ) -> PiDPipeline:
+        """Load a preset (alias or released folder name) or a checkpoint file, and its backbone.
+
+        Args:
+            preset_or_path: "flux-4k", "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step", or the path of a
+                checkpoint (.pth / .safetensors); for a path, ``preset=`` or ``config=`` say what it holds
+                (our .safetensors carry it in their metadata).
+            weights_dir: the local mirror of the release (default $PID_WEIGHTS_DIR, else the HF cache); missing
+                files are downloaded unless HF_HUB_OFFLINE=1 (`pid_decoder.weights`).
+            device: "auto" (cuda, else mps, else cpu), "cpu", "cuda", "cuda:1", "mps".
+            dtype: "auto" (bf16 on cuda, fp32 elsewhere), "bf16", "fp32".
+            text_encoder: a `TextEncoder`, a Gemma folder / hub id, or None (the default Gemma, loaded lazily).
+            backbone: None (the preset's VAE/RAE weights from the weights folder), a backbone object, a diffusers
+                module (e.g. ``pipe.vae``), a weight path, or False to load none (decode without baselines).
+            config: network config for a self-trained checkpoint (NetConfig or the reference's net arguments).
+            backbone_name: the latent space of a checkpoint without preset (e.g. "flux").
+            allow_download: default "not HF_HUB_OFFLINE".
+        """
+        from . import weights
+        from .checkpoints import load_network
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        path: Path | None = None
+        if isinstance(preset_or_path, Preset):
+            preset = preset_or_path if preset is None else preset
+        elif preset_or_path is not None:
+            candidate = Path(os.fspath(preset_or_path))
+            if candidate.suffix.lower() in (".pth", ".pt", ".safetensors", ".sft") or candidate.exists():
+                path = candidate
+            elif preset is None:
+                preset = preset_or_path
+        if path is None and preset is None:
+            raise ValueError("give a preset (e.g. 'flux-4k') or a checkpoint path")
+        preset = resolve_preset(preset) if preset is not None else None
+
+        specs = [] if path is not None else [weights.checkpoint_spec(preset)]
+        name = backbone_name or (preset.backbone if preset is not None else None)
+        if backbone is None and name is not None:
+            specs.append(weights.backbone_spec(name))
+        resolved = weights.resolve(specs, weights_dir, allow_download=allow_download) if specs else []
+        checkpoint = path if path is not None else resolved.pop(0)
+        backbone_path = resolved.pop(0) if resolved else None
+
+        net = load_network(checkpoint, config, preset=preset, dtype=dt, device=dev)
+        preset = preset or net.preset
+        name = name or (preset.backbone if preset is not None else None)
+        if backbone is None and name is not None and backbone_path is None:  # preset known only from the file
+            backbone_path = weights.resolve([weights.backbone_spec(name)], weights_dir, allow_download=allow_download)[0]
+        bb = _make_backbone(name, backbone if backbone is not None else backbone_path, dev, dt)
+        return cls(net, preset, bb, text_encoder, backbone_name=name)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.net.device
+
+    @property
+    def scale(self) -> int | None:
+        return self.net.config.lq.sr_scale if self.net.config.lq is not None else None
+
+    @property
+    def text_encoder(self):
+        """The `TextEncoder` (created on first use; Gemma itself loads on the first uncached prompt)."""
+        from .text import DEFAULT_TEXT_ENCODER, TextEncoder
+
+        if not isinstance(self._text_encoder, TextEncoder):
+            model = self._text_encoder if self._text_encoder is not None else DEFAULT_TEXT_ENCODER
+            self._text_encoder = TextEncoder(model, device=self.device)
+        return self._text_encoder
+
+    def _require_backbone(self, what: str):
+        if self.backbone is None:
+            raise ValueError(
+                f"{what} needs the backbone (VAE/RAE) of the latent space "
+                f"{self.backbone_name or '(unknown)'}; load the pipeline with backbone= (a path, a diffusers "
+                "module such as pipe.vae, or a backbone object) or from a preset with its weights"
+            )
+        return self.backbone
+
+    def _require_lq(self) -> None:
+        if self.net.config.lq is None:
+            raise ValueError(
+                "this checkpoint is the text-to-image PixelDiT (no latent input); decode/upscale/generate need a "
+                "PiD preset such as flux-4k"
+            )
+
+    # ------------------------------------------------------------------ text
+    def encode_text(
+        self, prompt: str | Sequence[str] = "", text_embedding: Any = None, batch: int = 1
+    ) -> torch.Tensor:
+        """(batch, T, D) float32 CPU text embedding from an embedding (tensor or file) or prompt(s)."""
+        if text_embedding is not None:
+            emb = text_embedding
+            if isinstance(emb, (str, os.PathLike)):
+                from .text import load_text_embedding
+
+                emb, _ = load_text_embedding(emb)
+            if not torch.is_tensor(emb) or emb.ndim not in (2, 3):
+                raise ValueError("text_embedding must be a (T, D), (1, T, D) or (B, T, D) tensor or an embedding file")
+            emb = emb.float().cpu()
+            if emb.ndim == 2:
+                emb = emb[None]
+            if emb.shape[0] == 1 and batch > 1:
+                emb = emb.expand(batch, -1, -1)
+            if emb.shape[0] != batch:
+                raise ValueError(f"text_embedding has batch {emb.shape[0]}, expected 1 or {batch}")
+            return emb
+        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != batch:
+            raise ValueError(f"got {len(prompts)} prompts for {batch} items; give one prompt or one per item")
+        return self.text_encoder.encode(prompts)  # (B, T, D)
+
+    def _negative(self, batch: int) -> torch.Tensor:
+        if self.negative_embedding is not None:
+            return self.encode_text(text_embedding=self.negative_embedding, batch=batch)
+        return self.text_encoder.encode_negative(batch)
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(
+        self,
+        latent: torch.Tensor,
+        text: torch.Tensor,
+        sigma: float,
+        seed: int,
+        steps: int | None,
+        callback: StepCallback | None,
+        chunk: int | None,
+    ) -> torch.Tensor:
+        """One item: (1, C, h, w) latent -> (1, 3, H, W) in [-1, 1]; noise from a CPU generator seeded ``seed``."""
+        from .sampling import sample, sample_teacher
+
+        height, width = self.net.output_size(tuple(latent.shape[-2:]))
+        generator = _cpu_generator(seed)
+        cfg = self.sampler
+        steps = cfg.steps if steps is None else int(steps)
+        if cfg.kind == "student":
+            return sample(
+                self.net, latent, text, float(sigma), height=height, width=width, steps=steps, mode=cfg.mode,
+                generator=generator, chunk=chunk, callback=callback,
+            )
+        negative = self._negative(latent.shape[0]) if cfg.cfg_scale != 1.0 else None
+        return sample_teacher(
+            self.net, latent, text, float(sigma), negative_text=negative, height=height, width=width, steps=steps,
+            cfg_scale=cfg.cfg_scale, base_shift=cfg.base_shift, base_size=cfg.base_size, generator=generator,
+            chunk=chunk, callback=callback,
+        )
+
+    def _check_latent(self, latents: Any) -> torch.Tensor:
+        if not torch.is_tensor(latents):
+            raise ValueError(f"latents must be a torch.Tensor (B, C, h, w), got {type(latents).__name__}")
+        if latents.ndim == 3:
+            latents = latents[None]
+        if self.backbone is not None:
+            self.backbone.check_latent(latents)
+        elif self.backbone_name is not None:
+            from .backbones import check_latent
+
+            check_latent(self.backbone_name, latents)
+        lq = self.net.config.lq
+        if latents.ndim != 4 or latents.shape[1] != lq.latent_channels:
+            raise ValueError(
+                f"this PiD network expects latents (B, {lq.latent_channels}, h, w), got shape {tuple(latents.shape)}"
+            )
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents contain NaN or infinite values")
+        return latents.detach().float().cpu()
+
+    @staticmethod
+    def _sigmas(sigma: float | Sequence[float], batch: int) -> list[float]:
+        sigmas = [float(sigma)] * batch if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+        if len(sigmas) != batch:
+            raise ValueError(f"got {len(sigmas)} sigmas for {batch} latents")
+        bad = [s for s in sigmas if not 0.0 <= s <= 1.0]
+        if bad:
+            raise ValueError(f"sigma must be in [0, 1] (0 = clean latent), got {bad}")
+        return sigmas
+
+    # ------------------------------------------------------------------ entry points
+    @torch.inference_mode()
+    def decode(
+        self,
+        latents: torch.Tensor,
+        prompt: str | Sequence[str] = "",
+        *,
+        text_embedding: Any = None,
+        sigma: float | Sequence[float] = 0.0,
+        seed: int = 0,
+        steps: int | None = None,
+        return_baseline: bool = False,
+        callback: StepCallback | None = None,
+        chunk: int | None = None,
+    ):
+        """Decode normalised latents (B, C, h, w) or (C, h, w) with PiD -> list of B PIL images.
+
+        Item i uses a CPU generator seeded ``seed + i`` (item 0 equals ``sample(..., generator=
+        torch.Generator().manual_seed(seed))``). ``sigma`` is the latent's noise level in PiD's frame (0 for a
+        final LDM latent). With ``return_baseline`` returns ``(images, baselines)``, the baselines being the
+        backbone's own decode at native size.
+        """
+        from .backbones import tensor_to_image
+
+        self._require_lq()
+        latents = self._check_latent(latents)
+        batch = latents.shape[0]
+        sigmas = self._sigmas(sigma, batch)
+        text = self.encode_text(prompt, text_embedding, batch)
+        backbone = self._require_backbone("return_baseline=True") if return_baseline else None
+        images, baselines = [], []
+        for i in range(batch):
+            latent = _bf16_round(latents[i : i + 1])
+            out = self._sample(latent, text[i : i + 1], sigmas[i], seed + i, steps, callback, chunk)
+            images.append(tensor_to_image(out))
+            if backbone is not None:
+                baselines.append(tensor_to_image(backbone.decode(latent)))
+        return (images, baselines) if return_baseline else images
+
+    @torch.inference_mode()
+    def upscale(
+        self,
+        images: Any,
+        prompt: str | Sequence[str] = "",
+        *,
+        text_embedding: Any = None,
+        sigma: float = 0.0,
+        seed: int = 5,
+        steps: int | None = None,
+        return_baseline: bool = False,
+        index_offset: int = 0,
+        callback: StepCallback | None = None,
+        chunk: int | None = None,
+    ):
+        """Images -> VAE encode -> (noise at σ) -> PiD at the preset's scale (the reference's ``from_clean``).
+
+        ``images``: a PIL image or a list of them. Each is centre-cropped to the backbone's multiple (16), encoded
+        to its normalised latent, noised at ``sigma`` with a CPU generator seeded ``seed + index`` (no draw at
+        σ = 0), and decoded with PiD seeded ``seed + index``, index = ``index_offset + i``. Default seed 5 as the
+        reference. Returns PIL images (and the baselines: the backbone's decode of the same latent).
+        """
+        from PIL import Image
+
+        from .backbones import image_to_tensor, tensor_to_image
+
+        self._require_lq()
+        backbone = self._require_backbone("upscale")
+        if isinstance(images, Image.Image):
+            images = [images]
+        images = list(images)
+        if not all(isinstance(im, Image.Image) for im in images):
+            raise ValueError("upscale takes a PIL image or a list of PIL images")
+        if not 0.0 <= float(sigma) <= 1.0:
+            raise ValueError(f"sigma must be in [0, 1], got {sigma}")
+        text = self.encode_text(prompt, text_embedding, len(images))
+        outs, baselines = [], []
+        for i, image in enumerate(images):
+            index = index_offset + i
+            x = image_to_tensor(image, backbone.image_multiple)  # (1, 3, H, W)
+            clean = backbone.encode(x)  # (1, C, h, w)
+            noisy = backbone.add_noise(clean.float(), float(sigma), _cpu_generator(seed + index))
+            latent = _bf16_round(noisy).cpu()
+            out = self._sample(latent, text[i : i + 1], float(sigma), seed + index, steps, callback, chunk)
+            outs.append(tensor_to_image(out))
+            if return_baseline:
+                baselines.append(tensor_to_image(backbone.decode(latent)))
+        return (outs, baselines) if return_baseline else outs
+
+    @torch.inference_mode()
+    def decode_pipeline_latents(
+        self,
+        ldm_pipeline: Any,
+        latents: torch.Tensor,
+        *,
+        height: int,
+        width: int,
+        sigma: float = 0.0,
+        prompt: str | Sequence[str] = "",
+        text_embedding: Any = None,
+        seed: int = 0,
+        steps: int | None = None,
+        return_baseline: bool = False,
+        callback: StepCallback | None = None,
+    ):
+        """Drop-in for ``pipe.vae.decode``: decode what a diffusers pipeline returned with ``output_type="latent"``.
+
+        ``height``/``width`` are the LDM image size passed to the pipeline; ``sigma`` is the scheduler σ for a
+        latent captured mid-run (``capture_sigma(pipe.scheduler, i)``), 0 for the final output. Packed / raw
+        layouts (Flux, Qwen-Image, FLUX.2, klein, SDXL's Euler frame) are converted by `latents_from_pipeline`.
+        """
+        from .backbones import latents_from_pipeline
+
+        latent, pid_sigma = latents_from_pipeline(ldm_pipeline, latents, height=height, width=width, sigma=sigma)
+        self._check_pipeline_backbone(ldm_pipeline)
+        if return_baseline and self.backbone is None and getattr(ldm_pipeline, "vae", None) is not None:
+            self.backbone = _make_backbone(self.backbone_name, ldm_pipeline.vae, None, None)
+        return self.decode(
+            latent, prompt, text_embedding=text_embedding, sigma=pid_sigma, seed=seed, steps=steps,
+            return_baseline=return_baseline, callback=callback,
+        )
+
+    def _check_pipeline_backbone(self, ldm_pipeline: Any) -> str:
+        from .backbones import resolve_backbone_name
+        from .backbones.packing import KIND_BACKBONE, pipeline_kind
+
+        kind = pipeline_kind(ldm_pipeline)
+        needed = resolve_backbone_name(KIND_BACKBONE[kind])
+        if self.backbone_name is not None and needed != self.backbone_name:
+            raise ValueError(
+                f"the {type(ldm_pipeline).__name__} produces {needed} latents, but this PiD checkpoint decodes "
+                f"{self.backbone_name} latents; load a {needed} preset"
+            )
+        return kind
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        ldm_pipeline: Any = None,
+        backbone: str | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        ldm_steps: int | None = None,
+        guidance_scale: float | None = None,
+        capture_steps: Sequence[int] | None = None,
+        seed: int = 0,
+        ldm_seed: int | None = None,
+        steps: int | None = None,
+        text_embedding: Any = None,
+        pid_prompt: str | None = None,
+        return_baseline: bool = False,
+        ldm_kwargs: dict | None = None,
+        callback: StepCallback | None = None,
+    ) -> list[Decoded]:
+        """Run an LDM, capture latents, decode each with PiD (the reference's ``from_ldm``).
+
+        Args:
+            prompt: the LDM prompt (also PiD's caption unless ``pid_prompt`` / ``text_embedding`` is given).
+            ldm_pipeline: an already built diffusers pipeline; None loads ``LDM_DEFAULTS[backbone].model``.
+            backbone: LDM tag for defaults (flux, sd3, sdxl, flux2, flux2-klein-4b/-9b, qwenimage(-2512),
+                zimage(-turbo)); default from the pipeline class or the preset.
+            resolution: FINAL output size, N or (W, H), default 2048x2048; the LDM runs at resolution / scale.
+            ldm_steps, guidance_scale: default per backbone (pipelines.md §2.1).
+            capture_steps: 1-based steps K after which x_t is captured (σ = scheduler.sigmas[K]); default the
+                recommended step (e.g. 24 of 28 for flux, none for klein / Z-Image-Turbo). x0 is always decoded.
+            seed: PiD's noise (a CPU generator seeded ``seed`` for every latent) and, unless ``ldm_seed`` is given,
+                the LDM's (the reference's CLI uses ``ldm_seed = seed + prompt index``).
+        Returns:
+            `Decoded` entries: captured steps in ascending order, then "x0".
+        """
+        from .backbones import capture_sigma, latents_from_pipeline, tensor_to_image
+        from .backbones.packing import KIND_BACKBONE
+
+        self._require_lq()
+        scale = self.scale
+        if resolution is None:
+            resolution = 2048
+        out_w, out_h = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        if out_w % scale or out_h % scale:
+            raise ValueError(f"resolution {out_w}x{out_h} (WxH) must be divisible by the PiD scale {scale}")
+        width, height = out_w // scale, out_h // scale
+        if width % 16 or height % 16:
+            raise ValueError(
+                f"the LDM runs at resolution / {scale} = {width}x{height}, which must be a multiple of 16; "
+                f"choose a resolution that is a multiple of {16 * scale}"
+            )
+        if ldm_pipeline is None:
+            tag = (backbone or self.backbone_name or "flux").lower()
+            ldm_pipeline = load_ldm_pipeline(ldm_defaults(tag).model, device=self.device, dtype=self.net.dtype)
+        kind = self._check_pipeline_backbone(ldm_pipeline)
+        tag = (backbone or _KIND_TAG.get(kind, kind)).lower()
+        defaults = ldm_defaults(tag)
+        n_steps = defaults.steps if ldm_steps is None else int(ldm_steps)
+        guidance = defaults.guidance if guidance_scale is None else float(guidance_scale)
+        if capture_steps is None:  # the recommended step exists only with the recommended number of steps
+            capture = [k for k in defaults.capture if k <= n_steps]
+        else:
+            capture = sorted({int(k) for k in capture_steps})
+        bad = [k for k in capture if not 1 <= k <= n_steps]
+        if bad:
+            raise ValueError(f"capture steps must be in 1..{n_steps} (the LDM steps), got {bad}")
+
+        captured: dict[int, tuple[torch.Tensor, float]] = {}
+
+        def on_step_end(pipe, i, t, kwargs):
+            if i + 1 in capture:
+                latent, sigma = latents_from_pipeline(
+                    pipe, kwargs["latents"], height=height, width=width, sigma=capture_sigma(pipe.scheduler, i)
+                )
+                captured[i + 1] = (latent.detach().float().cpu(), sigma)
+            return kwargs
+
+        call = dict(defaults.extra)
+        call.update(ldm_kwargs or {})
+        logger.info("running %s: %dx%d, %d steps, guidance %s, capture %s", type(ldm_pipeline).__name__, width, height,
+                    n_steps, guidance, capture or "x0 only")
+        with torch.inference_mode():
+            out = ldm_pipeline(
+                prompt=prompt, height=height, width=width, num_inference_steps=n_steps, guidance_scale=guidance,
+                num_images_per_prompt=1, output_type="latent",
+                generator=_cpu_generator(seed if ldm_seed is None else ldm_seed),
+                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], **call,
+            )
+            final, _ = latents_from_pipeline(ldm_pipeline, out.images, height=height, width=width)
+        entries = [(f"step_{k}", *captured[k]) for k in capture] + [("x0", final.detach().float().cpu(), 0.0)]
+
+        baseline_backbone = None
+        if return_baseline:
+            baseline_backbone = _make_backbone(KIND_BACKBONE[kind], ldm_pipeline.vae, None, None)
+        text = self.encode_text(pid_prompt if pid_prompt is not None else prompt, text_embedding, 1)
+        results = []
+        with torch.inference_mode():
+            for label, latent, sigma in entries:
+                latent = _bf16_round(self._check_latent(latent[:1]))
+                # parity: every captured latent is decoded with the same PiD seed (not seed + prompt index).
+                image = tensor_to_image(self._sample(latent, text, sigma, seed, steps, callback, None))
+                baseline = tensor_to_image(baseline_backbone.decode(latent)) if baseline_backbone else None
+                results.append(Decoded(label, float(sigma), latent, image, baseline))
+        return results
+
+
+def _make_backbone(name: str | None, source: Any, device: torch.device | None, dtype: torch.dtype | None):
+    """A backbone object from: None/False (none), a backbone object, a diffusers module, or a weight path."""
+    if source is None or source is False:
+        return None
+    if hasattr(source, "encode") and hasattr(source, "add_noise") and hasattr(source, "check_latent"):
+        return source  # already a backbone
+    from .backbones import load_backbone
+
+    if name is None:
+        raise ValueError("a backbone path/module was given but the latent space is unknown; pass backbone_name=")
+    if isinstance(source, (str, os.PathLike)):
+        return load_backbone(name, source, device=device, dtype=dtype)
+    return load_backbone(name, module=source, device=device, dtype=dtype)
