@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .config import NetConfig
+from .keys import key_problems, listing
 from .model.net import PiDNet
 from .presets import PRESETS, Preset, resolve_preset
 
@@ -175,25 +176,9 @@ def _expected_shapes(config: NetConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_network(config, device="meta").state_dict().items()}
 
 
-def _listing(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def check_keys(config: NetConfig, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     """Problems (missing / unexpected / wrong shape) of a network-key -> shape mapping for ``config``."""
-    expected = _expected_shapes(config)
-    missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k} {list(shapes[k])} (expected {list(expected[k])})" for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes: {_listing(wrong, 8)}")
-    return problems
+    return key_problems(_expected_shapes(config), shapes)
 
 
 def matching_presets(checkpoint: CheckpointFile) -> list[Preset]:
@@ -304,7 +289,7 @@ def load_network(
     cfg, chosen = _resolve_config(ckpt, config, preset)
     mapping, dropped = network_keys(ckpt)
     if dropped:
-        logger.debug("ignoring %d keys not used at inference: %s", len(dropped), _listing(dropped))
+        logger.debug("ignoring %d keys not used at inference: %s", len(dropped), listing(dropped))
     problems = check_keys(cfg, {name: ckpt.shapes[key] for name, key in mapping.items()})
     if problems:
         label = chosen.alias if chosen else "the given config"

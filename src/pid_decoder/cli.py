@@ -7,6 +7,7 @@ success, 2 on usage errors, 1 on runtime errors (a one-line message; the traceba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -371,6 +372,18 @@ class _Batch:
         if self.args.verbose:
             logger.exception("item %s failed", item)
 
+    @contextlib.contextmanager
+    def item(self, label):
+        """Run one item: count it as written on success; report a failure and carry on with the batch."""
+        try:
+            yield
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
+            self.fail(label, err)
+        else:
+            self.written += 1
+
     def finish(self) -> int:
         from . import distributed
 
@@ -424,7 +437,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         if pipe is None:
             pipe = _load_pipeline(args, device, need_backbone=True)
             text = _text(pipe, args)
-        try:
+        with batch.item(item.path):
             image = read_image(item.path)
             need_baseline = args.compare or args.save_baseline
             result = pipe.upscale(
@@ -433,11 +446,6 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             )
             outs, bases = result if need_baseline else (result, [None])
             _write(target, outs[0], bases[0], args, fmt)
-            batch.written += 1
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
-            batch.fail(item.path, err)
     return batch.finish()
 
 
@@ -496,7 +504,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         if pipe is None:
             pipe = _load_pipeline(args, device, need_backbone=need_backbone)
             text = _text(pipe, args)
-        try:
+        with batch.item(item.path):
             for i, target in enumerate(targets):
                 if _done(target, args):
                     continue
@@ -507,11 +515,6 @@ def cmd_decode(args: argparse.Namespace) -> int:
                 )
                 images, bases = result if need_backbone else (result, [None])
                 _write(target, images[0], bases[0], args, fmt)
-            batch.written += 1
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
-            batch.fail(item.path, err)
     return batch.finish()
 
 
@@ -615,7 +618,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ldm = load_ldm_pipeline(args.ldm_model or defaults.model, device=pipe.device, dtype=pipe.net.dtype)
             if hasattr(ldm, "set_progress_bar_config"):
                 ldm.set_progress_bar_config(disable=args.quiet, leave=False, file=sys.stderr)
-        try:
+        with batch.item(Path(f"prompt {idx}")):
             results = pipe.generate(
                 prompt, ldm_pipeline=ldm, backbone=tag, resolution=resolution, ldm_steps=args.ldm_steps,
                 guidance_scale=args.guidance, capture_steps=capture, seed=args.seed, ldm_seed=args.seed + idx,
@@ -624,11 +627,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             )
             for result, target in zip(results, targets):
                 _write(target, result.image, result.baseline, args, fmt)
-            batch.written += 1
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as err:  # noqa: BLE001 - one bad prompt must not stop the batch
-            batch.fail(Path(f"prompt {idx}"), err)
     return batch.finish()
 
 

@@ -31,6 +31,7 @@ import torch
 
 from .config import NetConfig, SamplerConfig
 from .presets import Preset, resolve_preset
+from .sampling import broadcast_text
 
 logger = logging.getLogger(__name__)
 
@@ -287,16 +288,9 @@ class PiDPipeline:
                 from .text import load_text_embedding
 
                 emb, _ = load_text_embedding(emb)
-            if not torch.is_tensor(emb) or emb.ndim not in (2, 3):
+            if not torch.is_tensor(emb):
                 raise ValueError("text_embedding must be a (T, D), (1, T, D) or (B, T, D) tensor or an embedding file")
-            emb = emb.float().cpu()
-            if emb.ndim == 2:
-                emb = emb[None]
-            if emb.shape[0] == 1 and batch > 1:
-                emb = emb.expand(batch, -1, -1)
-            if emb.shape[0] != batch:
-                raise ValueError(f"text_embedding has batch {emb.shape[0]}, expected 1 or {batch}")
-            return emb
+            return broadcast_text(emb.float().cpu(), batch, "text_embedding")
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts for {batch} items; give one prompt or one per item")

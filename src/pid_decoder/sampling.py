@@ -193,16 +193,17 @@ def _resolve_chunk(net: PiDNet, cond: Conditioning, chunk: int | None, max_memor
     return choose_chunk(net.config, tokens, net.device, net.dtype, max_memory)
 
 
-def _prepare_negative(net: PiDNet, negative_text: torch.Tensor, batch: int) -> torch.Tensor:
-    if not torch.is_tensor(negative_text) or negative_text.ndim not in (2, 3):
-        raise ValueError("negative_text must be a (T, D), (1, T, D) or (B, T, D) text embedding tensor")
-    if negative_text.ndim == 2:
-        negative_text = negative_text[None]
-    if negative_text.shape[0] == 1 and batch > 1:
-        negative_text = negative_text.expand(batch, -1, -1)
-    if negative_text.shape[0] != batch:
-        raise ValueError(f"negative_text has batch {negative_text.shape[0]}, expected 1 or {batch}")
-    return negative_text
+def broadcast_text(text: torch.Tensor, batch: int, name: str = "text") -> torch.Tensor:
+    """A (T, D), (1, T, D) or (B, T, D) text embedding as (batch, T, D)."""
+    if not torch.is_tensor(text) or text.ndim not in (2, 3):
+        raise ValueError(f"{name} must be a (T, D), (1, T, D) or (B, T, D) text embedding tensor")
+    if text.ndim == 2:
+        text = text[None]
+    if text.shape[0] == 1 and batch > 1:
+        text = text.expand(batch, -1, -1)
+    if text.shape[0] != batch:
+        raise ValueError(f"{name} has batch {text.shape[0]}, expected 1 or {batch}")
+    return text
 
 
 @torch.inference_mode()
@@ -242,7 +243,7 @@ def sample_teacher(
     guided = cfg_scale != 1.0
     cond_neg = None
     if guided:
-        negative_text = _prepare_negative(net, negative_text, batch)
+        negative_text = broadcast_text(negative_text, batch, "negative_text")
         cond_neg = net.prepare(negative_text, lq_latent, degrade_sigma, height, width)
     pixeldit = net.config.lq is None
     chunk = _resolve_chunk(net, cond, chunk, max_memory, batch_factor=2 if guided else 1)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..keys import key_problems
+
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -77,11 +79,6 @@ def read_state_dict(path: str | os.PathLike, backbone: str, needs: str) -> dict[
     return state
 
 
-def _listing(items: list[str], limit: int = 6) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
-
-
 def load_checked(
     model: torch.nn.Module,
     state: dict[str, torch.Tensor],
@@ -92,23 +89,14 @@ def load_checked(
 ) -> None:
     """Load `state` into `model` strictly after naming every key and shape that does not line up."""
     expected = model.state_dict()
-    unexpected = [k for k in state if k not in expected and not k.startswith(ignore_unexpected)]
-    missing = [k for k in expected if k not in state]
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if wrong or missing or unexpected:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatch(es): {_listing(wrong, 3)}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    problems = key_problems(
+        {k: tuple(v.shape) for k, v in expected.items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+        ignore_unexpected=ignore_unexpected,
+    )
+    if problems:
         raise ValueError(
-            f"{source!r} does not match the {backbone} backbone ({'; '.join(parts)}). "
+            f"{source!r} does not match the {backbone} backbone ({'; '.join(problems)}). "
             f"Is this the weight file of another VAE? Check --backbone / load_backbone({backbone!r}, ...)."
         )
     state = {k: v for k, v in state.items() if k in expected}
