@@ -85,6 +85,11 @@ def main() -> None:
     if args.max_memory is not None:
         kwargs["max_memory"] = args.max_memory
 
+    from pid_decoder.model.memory import choose_chunk
+
+    tokens = args.batch * (args.height // cfg.patch_size) * (args.width // cfg.patch_size)
+    resolved_chunk = args.chunk or choose_chunk(cfg, tokens, device, dtype, args.max_memory)
+
     def run() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -103,7 +108,7 @@ def main() -> None:
     result = {
         "size": args.size, "height": args.height, "width": args.width, "dtype": "autocast-bf16" if args.autocast else args.dtype,
         "device": str(device), "threads": torch.get_num_threads(), "steps": args.steps, "batch": args.batch,
-        "runs": args.runs, "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
+        "runs": args.runs, "chunk": resolved_chunk, "max_memory": args.max_memory, "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
         "tflops": round(flops / statistics.median(times) / 1e12, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 1),
