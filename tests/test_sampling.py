@@ -160,3 +160,20 @@ def test_memory_budget_picks_a_chunk_and_keeps_the_image(tiny_net):
     full = sample(tiny_net, lq, text, sigma, height=64, width=96, mode="ode", noise=noise, chunk=10**6)
     tight = sample(tiny_net, lq, text, sigma, height=64, width=96, mode="ode", noise=noise, max_memory=24 * 200 + 5 * per)
     torch.testing.assert_close(tight, full, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_windows_shares_the_lq_trunk_and_matches_single_windows(tiny_net, monkeypatch):
+    from pid_decoder.model.net import Crop, Window
+
+    lq, text, sigma = _inputs()
+    calls = []
+    trunk = tiny_net.lq_proj.trunk
+    monkeypatch.setattr(tiny_net.lq_proj, "trunk", lambda *a: calls.append(1) or trunk(*a))
+    crops = [Crop(0, 0, 32, 48), Crop(32, 48, 32, 48), Crop(16, 16, 48, 64)]
+    many = tiny_net.prepare_windows(text, lq, sigma, 64, 96, crops)
+    assert len(calls) == 1
+    for crop, cond in zip(crops, many):
+        one = tiny_net.prepare(text, lq, sigma, crop.height, crop.width, window=Window(crop.top, crop.left, 64, 96))
+        for a, b in zip(cond.lq_feats + [cond.pit_feat, *cond.rope_patch, *cond.pixel_pos],
+                        one.lq_feats + [one.pit_feat, *one.rope_patch, *one.pixel_pos]):
+            assert torch.equal(a, b)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.net import PiDNet, Window
+from .model.net import Crop, PiDNet, Window
 from .sampling import StepCallback, _initial_noise, _resolve_chunk, student_loop
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,10 @@ def sample_tiled(
     tiles = plan_tiles(height, width, tile, overlap, multiple=ps)
     overlap_hw = _as_pair(overlap, "overlap")
     # Step-independent work, once per image: conditioning per window (full-image positions and LQ features).
-    conds = [net.prepare(text, lq_latent, degrade_sigma, t.height, t.width, window=t.window(height, width))
-             for t in tiles]
+    # (the text embedding and the LQ trunk run once; only the per-token LQ heads run per window)
+    conds = net.prepare_windows(
+        text, lq_latent, degrade_sigma, height, width, [Crop(t.top, t.left, t.height, t.width) for t in tiles]
+    )
     log.info("tiled decode %dx%d: %d tiles of %dx%d, overlap %s", height, width, len(tiles),
              tiles[0].height, tiles[0].width, overlap_hw)
     chunk = _resolve_chunk(net, conds[0], chunk, max_memory)  # per window: the largest tile's tokens

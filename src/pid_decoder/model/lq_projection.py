@@ -97,10 +97,17 @@ class LQProjection(nn.Module):
             z = F.interpolate(z, size=(Hs, Ws), mode="bilinear", align_corners=False)
         return z
 
-    def forward(self, z: torch.Tensor, grid: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """z (B, c, h, w) -> ([num_heads x (B, L, D)], PiT feature (B, L, D) or None)."""
+    def trunk(self, z: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The convolutional trunk: z (B, c, h, w) -> per-token features (B, L, K) on the patch grid."""
         h = self.latent_proj(self.align(z.float(), grid))  # (B, K, Hs, Ws)
-        tokens = h.flatten(2).transpose(1, 2)  # (B, L, K)
+        return h.flatten(2).transpose(1, 2)  # (B, L, K)
+
+    def heads(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Per-token output heads: (B, n, K) -> ([num_heads x (B, n, D)], PiT feature (B, n, D) or None)."""
         feats = [head(tokens) for head in self.output_heads]
         pit = self.pit_head(tokens) if self.pit_head is not None else None
         return feats, pit
+
+    def forward(self, z: torch.Tensor, grid: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """z (B, c, h, w) -> ([num_heads x (B, L, D)], PiT feature (B, L, D) or None)."""
+        return self.heads(self.trunk(z, grid))

@@ -68,21 +68,14 @@ class Window:
     width: int
 
 
-def _crop_to_window(cond: Conditioning, window: Window, grid: tuple[int, int], ps: int) -> None:
-    """Restrict full-image conditioning to the window's patch tokens (row-major)."""
-    top, left = window.top // ps, window.left // ps
-    h, w = cond.height // ps, cond.width // ps
-    rows = torch.arange(top, top + h)[:, None] * grid[1] + torch.arange(left, left + w)[None]
-    index = rows.flatten().to(cond.text.device)  # (h*w,) token indices in the full grid
-    pick = lambda table: tuple(t[index] for t in table)  # noqa: E731
-    cond.rope_patch = pick(cond.rope_patch)
-    cond.rope_pixel = pick(cond.rope_pixel)
-    col, row = cond.pixel_pos
-    cond.pixel_pos = (col[window.left: window.left + cond.width], row[window.top: window.top + cond.height])
-    if cond.lq_feats is not None:
-        cond.lq_feats = [f[:, index] for f in cond.lq_feats]
-    if cond.pit_feat is not None:
-        cond.pit_feat = cond.pit_feat[:, index]
+@dataclass(frozen=True)
+class Crop:
+    """A height x width region at (top, left) of the image being conditioned, in pixels."""
+
+    top: int
+    left: int
+    height: int
+    width: int
 
 
 class PiDNet(nn.Module):
@@ -149,33 +142,66 @@ class PiDNet(nn.Module):
         ``window.height x window.width`` image: positions (RoPE, pixel sin-cos) and LQ features are those of the
         full image (``lq_latent`` is the full image's latent), so a windowed decode sees consistent positions.
         """
+        if window is None:
+            return self.prepare_windows(text, lq_latent, degrade_sigma, height, width, [None])[0]
+        crop = Crop(window.top, window.left, height, width)
+        return self.prepare_windows(text, lq_latent, degrade_sigma, window.height, window.width, [crop])[0]
+
+    def prepare_windows(
+        self,
+        text: torch.Tensor,
+        lq_latent: torch.Tensor | None,
+        degrade_sigma: torch.Tensor | float | None,
+        height: int,
+        width: int,
+        crops: list[Crop | None],
+    ) -> list[Conditioning]:
+        """Conditioning for several crops of one ``height x width`` image (None = the whole image).
+
+        Each `Crop` is a region in pixels (multiples of the patch size). The text embedding and the LQ projection's
+        convolutional trunk run once for all crops; only the per-token heads run per crop.
+        """
         from .validation import check_inputs, check_window
 
-        full_h, full_w = (window.height, window.width) if window else (height, width)
-        sigma = check_inputs(self.config, text, lq_latent, degrade_sigma, full_h, full_w)
-        if window is not None:
-            check_window(self.config, window, height, width)
+        sigma = check_inputs(self.config, text, lq_latent, degrade_sigma, height, width)
+        for crop in crops:
+            if crop is not None:
+                check_window(self.config, Window(crop.top, crop.left, height, width), crop.height, crop.width)
         cfg, dev = self.config, self.device
         ps = cfg.patch_size
-        grid = (full_h // ps, full_w // ps)
+        grid = (height // ps, width // ps)
         T = min(text.shape[1], cfg.txt_max_length)
         y = text[:, :T].to(device=dev, dtype=self.dtype)  # parity: text beyond txt_max_length is dropped
         y = self.y_embedder.norm(self.y_embedder.proj(y)) + self.y_pos_embedding[:, :T]  # (B, T, D)
-        cond = Conditioning(
-            height=height,
-            width=width,
-            text=y,
-            rope_patch=rope_2d(*grid, cfg.head_dim, cfg.rope_mode, cfg.rope_ref_grid, dev),
-            rope_text=rope_1d(T, cfg.head_dim, cfg.text_rope_theta, dev) if cfg.use_text_rope else None,
-            rope_pixel=rope_2d(*grid, cfg.pixel_head_dim, cfg.rope_mode, cfg.rope_ref_grid, dev),
-            pixel_pos=pixel_sincos(full_h, full_w, cfg.pixel_hidden_size, dev, torch.float32),
-        )
-        if self.lq_proj is not None:
-            cond.lq_feats, cond.pit_feat = self.lq_proj(lq_latent.to(dev), grid)
-            cond.sigma = sigma.to(dev)
-        if window is not None:
-            _crop_to_window(cond, window, grid, ps)
-        return cond
+        rope_patch = rope_2d(*grid, cfg.head_dim, cfg.rope_mode, cfg.rope_ref_grid, dev)
+        rope_pixel = rope_2d(*grid, cfg.pixel_head_dim, cfg.rope_mode, cfg.rope_ref_grid, dev)
+        rope_text = rope_1d(T, cfg.head_dim, cfg.text_rope_theta, dev) if cfg.use_text_rope else None
+        col, row = pixel_sincos(height, width, cfg.pixel_hidden_size, dev, torch.float32)
+        tokens = self.lq_proj.trunk(lq_latent.to(dev), grid) if self.lq_proj is not None else None  # (B, L, K)
+
+        conds = []
+        for crop in crops:
+            if crop is None:
+                crop, index = Crop(0, 0, height, width), None
+            else:
+                top, left = crop.top // ps, crop.left // ps
+                rows = torch.arange(top, top + crop.height // ps)[:, None] * grid[1]
+                index = (rows + torch.arange(left, left + crop.width // ps)[None]).flatten().to(dev)  # (h*w,)
+            pick = (lambda table: table) if index is None else (lambda table: tuple(t[index] for t in table))
+            cond = Conditioning(
+                height=crop.height,
+                width=crop.width,
+                text=y,
+                rope_patch=pick(rope_patch),
+                rope_text=rope_text,
+                rope_pixel=pick(rope_pixel),
+                pixel_pos=(col[crop.left: crop.left + crop.width], row[crop.top: crop.top + crop.height]),
+            )
+            if tokens is not None:
+                cond.lq_feats, cond.pit_feat = self.lq_proj.heads(tokens if index is None else tokens[:, index])
+                cond.sigma = sigma.to(dev)
+            conds.append(cond)
+        return conds
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, chunk: int | None = None) -> torch.Tensor:
         """One network evaluation. x (B, 3, H, W), t (B,) on the 0-1000 scale -> velocity (B, 3, H, W) float32.
