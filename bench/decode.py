@@ -9,7 +9,6 @@ TFLOP/s, and the settings. Random weights: speed and memory do not depend on the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import resource

@@ -22,7 +22,6 @@ _EXPORTS = {
     "PiDNet": "model.net",
     "build_network": "checkpoints",
     "load_network": "checkpoints",
-    "load_state_dict": "checkpoints",
     "save_safetensors": "checkpoints",
     "detect_variant": "checkpoints",
     "sample": "sampling",
@@ -37,7 +36,7 @@ _EXPORTS = {
     "PiDPipeline": "pipeline",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -55,7 +54,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import load_backbone
-    from .checkpoints import build_network, detect_variant, load_network, load_state_dict, save_safetensors
+    from .checkpoints import build_network, detect_variant, load_network, save_safetensors
     from .config import LQConfig, NetConfig, SamplerConfig
     from .model.net import PiDNet
     from .pipeline import PiDPipeline

@@ -201,7 +201,7 @@ def detect_variant(checkpoint: CheckpointFile | str | os.PathLike) -> dict[str, 
     if not isinstance(checkpoint, CheckpointFile):
         checkpoint = open_checkpoint(checkpoint)
     mapping, dropped = network_keys(checkpoint)
-    shape = lambda name: checkpoint.shapes.get(mapping.get(name, ""), None)  # noqa: E731
+    shape = lambda name: checkpoint.shapes.get(mapping.get(name, ""), None)
     info: dict[str, Any] = {"path": str(checkpoint.path), "keys": len(mapping), "dropped_keys": len(dropped)}
     conv = shape("lq_proj.latent_proj.0.weight")
     if shape("s_embedder.proj.weight") is None:

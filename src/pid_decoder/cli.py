@@ -66,7 +66,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         width = max(len(r["alias"]) for r in rows)
         for r in rows:
             scale = f"{r['scale']}x" if r["scale"] else "t2i"
-            print(f"{r['alias']:<{width}}  {str(r['backbone']):<9} {scale:<4} {r['sampler']:<17} {r['name']}")
+            print(f"{r['alias']:<{width}}  {r['backbone']!s:<9} {scale:<4} {r['sampler']:<17} {r['name']}")
     return 0
 
 
@@ -379,7 +379,7 @@ class _Batch:
             yield
         except (KeyboardInterrupt, MemoryError):
             raise
-        except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
+        except Exception as err:
             self.fail(label, err)
         else:
             self.written += 1
@@ -493,7 +493,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         base = single or folder / item.rel.with_name(f"{item.rel.name}.{fmt}")
         try:
             latents = load_latent(item.path)
-        except Exception as err:  # noqa: BLE001 - one bad item must not stop the batch
+        except Exception as err:
             batch.fail(item.path, err)
             continue
         n = latents.shape[0]
@@ -674,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pid-decoder: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - the CLI boundary: one line, traceback only with -v
+    except Exception as err:
         if args.verbose:
             logger.exception("failed")
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

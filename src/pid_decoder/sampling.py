@@ -311,7 +311,7 @@ def _dpm_second_order(x, t_prev, t, lam_prev_1, lam_prev_0, lam_t, model_prev_1,
 
 def _stack_conditions(first: Conditioning, second: Conditioning) -> Conditioning:
     """One conditioning for the batch ``cat([first, second])`` (used for batched guidance)."""
-    cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+    cat = lambda a, b: None if a is None else torch.cat([a, b])
     return Conditioning(
         second.height, second.width, torch.cat([first.text, second.text]), second.rope_patch, second.rope_text,
         second.rope_pixel, second.pixel_pos,

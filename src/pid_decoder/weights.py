@@ -167,7 +167,7 @@ def _fetch(f: HubFile, root: Path | None, allow_download: bool) -> tuple[Path | 
             if allow_download:
                 logger.info("downloading %s from %s into %s", filename, f.repo, local_dir or "the Hugging Face cache")
             return Path(_hub_download(f.repo, filename, local_dir=local_dir, local_files_only=not allow_download)), ""
-        except Exception as err:  # noqa: BLE001 - any hub/network failure is reported as a missing file
+        except Exception as err:
             if not reason:
                 first = str(err).splitlines()[0] if str(err) else ""
                 reason = "offline" if not allow_download else f"download failed: {type(err).__name__}: {first}"

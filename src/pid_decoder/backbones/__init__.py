@@ -18,8 +18,16 @@ from typing import Any
 
 import torch
 
-from .base import BACKBONE_ALIASES, BACKBONE_INFO, BACKBONES, Backbone, BackboneInfo, add_noise, check_latent
-from .base import resolve_backbone_name
+from .base import (
+    BACKBONE_ALIASES,
+    BACKBONE_INFO,
+    BACKBONES,
+    Backbone,
+    BackboneInfo,
+    add_noise,
+    check_latent,
+    resolve_backbone_name,
+)
 from .images import image_to_tensor, tensor_to_image
 from .packing import capture_sigma, latents_from_pipeline, patchify_2x2, pipeline_kind, sdxl_to_vp, unpatchify_2x2
 

@@ -19,7 +19,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _to_rgb8(image) -> "Image.Image":  # noqa: F821 - PIL is imported lazily
+def _to_rgb8(image) -> Image.Image:
     from PIL import Image
 
     mode = image.mode

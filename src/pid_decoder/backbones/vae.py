@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .base import BACKBONE_INFO, Backbone, BackboneInfo
-from .weights import diffusers_folder, find_file, is_ldm_layout, load_checked, missing_file, offline, read_config
-from .weights import read_state_dict
+from .weights import (
+    diffusers_folder,
+    find_file,
+    is_ldm_layout,
+    load_checked,
+    missing_file,
+    offline,
+    read_config,
+    read_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 

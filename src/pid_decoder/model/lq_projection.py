@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, Float32Params, GroupNorm32, Linear
-
 from ..config import LQConfig
+from .layers import Conv2d, Float32Params, GroupNorm32, Linear
 
 
 class ResBlock(nn.Module):

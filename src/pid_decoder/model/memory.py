@@ -20,7 +20,7 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb"
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
 
 
-def parse_memory(value: int | float | str) -> int:
+def parse_memory(value: float | str) -> int:
     """Bytes from ``4GB``, ``512MiB``, ``1.5g`` or a number of bytes."""
     if isinstance(value, (int, float)):
         if value <= 0:

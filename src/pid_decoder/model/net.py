@@ -68,6 +68,10 @@ class Window:
     width: int
 
 
+def _rows(table: RopeTable, index: torch.Tensor | None) -> RopeTable:
+    return table if index is None else (table[0][index], table[1][index])
+
+
 @dataclass(frozen=True)
 class Crop:
     """A height x width region at (top, left) of the image being conditioned, in pixels."""
@@ -187,14 +191,13 @@ class PiDNet(nn.Module):
                 top, left = crop.top // ps, crop.left // ps
                 rows = torch.arange(top, top + crop.height // ps)[:, None] * grid[1]
                 index = (rows + torch.arange(left, left + crop.width // ps)[None]).flatten().to(dev)  # (h*w,)
-            pick = (lambda table: table) if index is None else (lambda table: tuple(t[index] for t in table))
             cond = Conditioning(
                 height=crop.height,
                 width=crop.width,
                 text=y,
-                rope_patch=pick(rope_patch),
+                rope_patch=_rows(rope_patch, index),
                 rope_text=rope_text,
-                rope_pixel=pick(rope_pixel),
+                rope_pixel=_rows(rope_pixel, index),
                 pixel_pos=(col[crop.left: crop.left + crop.width], row[crop.top: crop.top + crop.height]),
             )
             if tokens is not None:
