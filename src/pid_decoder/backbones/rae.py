@@ -26,7 +26,14 @@ import torch.nn.functional as F
 
 from .base import BACKBONE_INFO, Backbone
 from .vae import check_module_class, prepare_module, resolve_device_dtype
-from .weights import find_file, load_checked, missing_file, offline, read_config, read_state_dict
+from .weights import (
+    find_file,
+    load_checked,
+    load_pretrained_encoder,
+    missing_file,
+    read_config,
+    read_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,14 +197,9 @@ def load_dinov2_encoder(folder: Path | None) -> torch.nn.Module:
     """Dinov2WithRegistersModel from a local snapshot folder, or the hub repo when `folder` is None."""
     from transformers import Dinov2WithRegistersModel
 
-    source = str(folder) if folder is not None else DINOV2_ENCODER_REPO
-    try:
-        return Dinov2WithRegistersModel.from_pretrained(source, local_files_only=folder is not None or offline())
-    except OSError as err:
-        raise FileNotFoundError(
-            f"DINOv2 encoder not found ({source}): {err}. Put the snapshot of {DINOV2_ENCODER_REPO} in an "
-            "encoder/ folder next to model.pt and stat.pt."
-        ) from err
+    return load_pretrained_encoder(
+        Dinov2WithRegistersModel, folder, DINOV2_ENCODER_REPO, "DINOv2", "next to model.pt and stat.pt"
+    )
 
 
 def load_dinov2(

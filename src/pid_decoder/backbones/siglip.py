@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .base import BACKBONE_INFO, Backbone
 from .rae import decode_tokens, fix_decoder_pos_embed, remap_decoder_state
 from .vae import prepare_module, resolve_device_dtype
-from .weights import find_file, load_checked, missing_file, offline, read_config, read_state_dict
+from .weights import find_file, load_checked, load_pretrained_encoder, missing_file, read_config, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +136,7 @@ def build_decoder(config: dict[str, Any], hidden_size: int, grid: int) -> torch.
 def load_siglip_encoder(folder: Path | None) -> torch.nn.Module:
     from transformers import SiglipVisionModel
 
-    source = str(folder) if folder is not None else SIGLIP_ENCODER_REPO
-    try:
-        return SiglipVisionModel.from_pretrained(source, local_files_only=folder is not None or offline())
-    except OSError as err:
-        raise FileNotFoundError(
-            f"SigLIP-2 encoder not found ({source}): {err}. Put the snapshot of {SIGLIP_ENCODER_REPO} in an "
-            "encoder/ folder next to the decoder .pt."
-        ) from err
+    return load_pretrained_encoder(SiglipVisionModel, folder, SIGLIP_ENCODER_REPO, "SigLIP-2", "next to the decoder .pt")
 
 
 def load_siglip(

@@ -122,3 +122,14 @@ def diffusers_folder(path: Path) -> Path | None:
         if (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model*")):
             return folder
     return None
+
+
+def load_pretrained_encoder(model_class: Any, folder: Path | None, repo: str, label: str, where: str) -> torch.nn.Module:
+    """A transformers encoder from a local snapshot folder, or from the hub repo when ``folder`` is None."""
+    source = str(folder) if folder is not None else repo
+    try:
+        return model_class.from_pretrained(source, local_files_only=folder is not None or offline())
+    except OSError as err:
+        raise FileNotFoundError(
+            f"{label} encoder not found ({source}): {err}. Put the snapshot of {repo} in an encoder/ folder {where}."
+        ) from err
