@@ -39,7 +39,13 @@ _EXPORTS = {
 __all__ = [*sorted(_EXPORTS), "__version__"]
 
 
+# Submodules reachable as attributes (``pid_decoder.io.load_latent``) without importing them up front.
+_SUBMODULES = {"accel", "backbones", "checkpoints", "io", "presets", "sampling", "text", "tiling", "weights"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'pid_decoder' has no attribute {name!r}")
