@@ -177,3 +177,14 @@ def test_prepare_windows_shares_the_lq_trunk_and_matches_single_windows(tiny_net
         for a, b in zip(cond.lq_feats + [cond.pit_feat, *cond.rope_patch, *cond.pixel_pos],
                         one.lq_feats + [one.pit_feat, *one.rope_patch, *one.pixel_pos]):
             assert torch.equal(a, b)
+
+
+def test_x0_update_in_slices_is_bitwise_the_float64_formula(monkeypatch):
+    import pid_decoder.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_X0_BLOCK", 1000)
+    x, v = torch.randn(2, 3, 40, 56), torch.randn(2, 3, 40, 56)
+    t = torch.tensor(0.866)
+    expected = (x.double() - t.double() * v.double()).float()
+    assert torch.equal(sampling._x0_from_velocity(x, t, v), expected)
+    assert torch.equal(sampling._x0_from_velocity(x.transpose(2, 3), t, v.transpose(2, 3)), expected.transpose(2, 3))

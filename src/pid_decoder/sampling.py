@@ -62,11 +62,23 @@ def _draw(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return torch.randn(shape, generator=generator, dtype=torch.float32, device=gen_device).to(device)
 
 
+_X0_BLOCK = 1 << 22  # elements per float64 slice: bounds the temporaries at 4K to ~100 MB
+
+
 def _x0_from_velocity(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``x - t * v``; parity: evaluated in float64 and rounded to float32 (where the device has float64)."""
+    """``x - t * v``; parity: evaluated in float64 and rounded to float32 (where the device has float64).
+
+    Done in slices of the flattened image so the float64 temporaries stay small at any resolution.
+    """
     if x.device.type == "mps":  # MPS has no float64
         return x - t * v
-    return (x.double() - t.double() * v.double()).float()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    flat_x, flat_v, flat_out = x.reshape(-1), v.reshape(-1), out.view(-1)
+    t64 = t.double()
+    for start in range(0, flat_x.numel(), _X0_BLOCK):
+        sl = slice(start, start + _X0_BLOCK)
+        flat_out[sl] = flat_x[sl].double() - t64 * flat_v[sl].double()
+    return out
 
 
 def _initial_noise(
