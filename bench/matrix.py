@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "results.jsonl"
 # The settings that identify a case; a line in the output file with the same values is "already done".
-KEY_FIELDS = ("size", "height", "width", "dtype", "device", "threads", "steps", "batch", "chunk")
+KEY_FIELDS = ("size", "height", "width", "dtype", "device", "threads", "steps", "batch", "chunk_arg")
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -40,7 +40,8 @@ def parse_resolution(text: str) -> tuple[int, int]:
 def is_done(case: dict, records: list[dict]) -> bool:
     """Whether a recorded run has the case's settings (``threads=None`` matches any thread count)."""
     fields = [f for f in KEY_FIELDS if not (f == "threads" and case[f] is None)]
-    return any(all(r.get(f) == case[f] for f in fields) for r in records)
+    # lines written before decode.py reported chunk_arg were all automatic chunks
+    return any(all(r.get(f, "auto" if f == "chunk_arg" else None) == case[f] for f in fields) for r in records)
 
 
 def load_records(path: Path) -> list[dict]:
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         for height, width in args.resolutions:
             for dtype in args.dtypes:
                 key = {"size": size, "height": height, "width": width, "dtype": dtype, "device": device,
-                       "threads": args.threads, "steps": args.steps, "batch": args.batch, "chunk": args.chunk}
+                       "threads": args.threads, "steps": args.steps, "batch": args.batch,
+                       "chunk_arg": args.chunk if args.chunk is not None else "auto"}
                 cmd = [sys.executable, str(HERE / "decode.py"), "--size", size, "--height", str(height),
                        "--width", str(width), "--dtype", dtype, "--device", device, "--runs", str(args.runs),
                        "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch)]
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = json.loads(lines[-1])
                 # decode.py's own fields win; add the settings it does not report, and the command.
                 for name, value in key.items():
-                    if value is not None or name == "chunk":
+                    if value is not None:
                         record.setdefault(name, value)
                 record["command"] = shown
                 with args.out.open("a") as f:

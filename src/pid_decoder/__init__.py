@@ -20,6 +20,7 @@ _EXPORTS = {
     "ALIASES": "presets",
     "resolve_preset": "presets",
     "PiDNet": "model.net",
+    "set_attention_backend": "model.attention",
     "build_network": "checkpoints",
     "load_network": "checkpoints",
     "save_safetensors": "checkpoints",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backbones import load_backbone
     from .checkpoints import build_network, detect_variant, load_network, save_safetensors
     from .config import LQConfig, NetConfig, SamplerConfig
+    from .model.attention import set_attention_backend
     from .model.net import PiDNet
     from .pipeline import PiDPipeline
     from .presets import ALIASES, PRESETS, Preset, resolve_preset

@@ -171,14 +171,16 @@ def student_loop(
     if step_noise is not None and mode == "sde" and len(step_noise) < n_draws:
         raise ValueError(f"step_noise must hold {n_draws} tensors for {steps} steps, got {len(step_noise)}")
     device, batch = x.device, x.shape[0]
-    ts = t_list.to(device)
+    # The time points stay 0-dim CPU tensors: device kernels take them as scalars, so the loop never copies
+    # to or waits for the device. The network's t (float32 t * 1000) is filled on the device.
+    t_net = (t_list * TIMESCALE).tolist()
     total = len(t_list) - 1
     draws = 0
     for i in range(total):
-        t_cur, t_next = ts[i], ts[i + 1]
-        v = denoise(x, (t_cur * TIMESCALE).expand(batch))  # (B, 3, H, W)
+        t_cur, t_next = t_list[i], t_list[i + 1]
+        v = denoise(x, torch.full((batch,), t_net[i], dtype=torch.float32, device=device))  # (B, 3, H, W)
         x0 = _x0_from_velocity(x, t_cur, v)
-        if t_list[i + 1].item() > 0:  # CPU tensor: no device sync
+        if t_next.item() > 0:  # CPU tensor: no device sync
             if mode == "sde":
                 if step_noise is not None:
                     eps = step_noise[draws].to(device)

@@ -1,14 +1,62 @@
-"""The one home of rotary application and scaled-dot-product attention.
+"""The one home of rotary application and scaled-dot-product attention (and its CUDA kernel choice).
 
 Legend: B batch, N tokens, h heads, d head dim.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import torch
 import torch.nn.functional as F
 
 from .positions import RopeTable
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # torch < 2.3
+    SDPBackend = sdpa_kernel = None
+
+# Which fused kernel computes attention on CUDA, in order of preference (the first that supports the inputs
+# runs). "auto" puts cuDNN's fused attention first: on Hopper it is the fastest for PiD's head sizes (64 and
+# 72) at 2K-4K, where attention is most of the work (docs/performance.md). "torch" keeps PyTorch's own order.
+_ORDERS = {
+    "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "flash": ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "efficient": ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION", "MATH"),
+    "math": ("MATH",),
+}
+_ORDERS["auto"] = _ORDERS["cudnn"]
+ATTENTION_BACKENDS = ("auto", "torch", *sorted(k for k in _ORDERS if k != "auto"))
+_SET_PRIORITY = sdpa_kernel is not None and "set_priority" in inspect.signature(sdpa_kernel).parameters
+_cuda_order: list | None = None
+
+
+def set_attention_backend(name: str = "auto") -> None:
+    """Choose the CUDA attention kernel order: "auto" (cuDNN, then flash...), "cudnn", "flash", "efficient",
+    "math", or "torch" (PyTorch's default order). Process-wide; CPU and MPS are not affected."""
+    global _cuda_order
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "torch" or not _SET_PRIORITY:
+        _cuda_order = None
+        return
+    available = set(SDPBackend.__members__)
+    _cuda_order = [getattr(SDPBackend, b) for b in _ORDERS[name] if b in available]
+
+
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """Context in which `attention` on ``device`` uses the chosen kernel order (see `set_attention_backend`).
+
+    Entered once per network evaluation (`PiDNet.denoise`), so compiled blocks are traced under it too.
+    """
+    if device.type != "cuda" or _cuda_order is None:
+        return contextlib.nullcontext()
+    return sdpa_kernel(_cuda_order, set_priority=True)
+
+
+set_attention_backend("auto")
 
 
 def apply_rope(x: torch.Tensor, table: RopeTable) -> torch.Tensor:

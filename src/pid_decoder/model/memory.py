@@ -16,6 +16,9 @@ from ..config import NetConfig
 # On CPUs, chunks of a few hundred patch tokens keep the per-pixel modulation GEMM (D -> 6*P*C outputs)
 # and its elementwise work in cache; measured faster than one big pass (docs/performance.md).
 CPU_CHUNK = 256
+# On CUDA a chunk of a few thousand patch tokens (a million pixel rows per GEMM) already fills the GPU; larger
+# chunks only add memory (measured in docs/performance.md), so the automatic choice never exceeds this.
+CUDA_CHUNK = 4096
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
 
@@ -54,12 +57,13 @@ def choose_chunk(
     """Patch tokens per pixel-pathway chunk (None = all at once) for ``tokens = batch * patch tokens``."""
     per_token = pixel_bytes_per_token(config, dtype)
     if max_memory is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * 0.8) - persistent_bytes(config, tokens)
-        else:
+        if device.type != "cuda":
             return CPU_CHUNK if tokens > CPU_CHUNK else None
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.8) - persistent_bytes(config, tokens)
     else:
         budget = parse_memory(max_memory) - persistent_bytes(config, tokens)
     chunk = max(1, budget // per_token)
+    if device.type == "cuda":
+        chunk = min(chunk, CUDA_CHUNK)
     return None if chunk >= tokens else int(chunk)

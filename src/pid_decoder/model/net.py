@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import NetConfig
+from .attention import attention_kernels
 from .layers import Linear, RMSNorm, TimestepEmbedder
 from .lq_projection import LQProjection, SigmaGate
 from .patch_block import PatchBlock
@@ -211,6 +212,10 @@ class PiDNet(nn.Module):
 
         ``chunk`` bounds the number of patch tokens the pixel pathway processes at once (None: all).
         """
+        with attention_kernels(x.device):
+            return self._denoise(x, t, cond, chunk)
+
+    def _denoise(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, chunk: int | None) -> torch.Tensor:
         cfg = self.config
         B, _, H, W = x.shape
         ps = cfg.patch_size
