@@ -100,7 +100,14 @@ def run_case(net, cfg, args, device, dtype, height, width, chunk_arg) -> dict:
     chunk = None if chunk is None or chunk >= tokens else chunk  # None: one pass over all tokens
 
     decode = sample
-    kwargs = dict(height=height, width=width, steps=args.steps, chunk=chunk if chunk is not None else tokens)
+    kwargs = {"height": height, "width": width, "steps": args.steps, "chunk": chunk if chunk is not None else tokens}
+    if args.tile:
+        from pid_decoder.tiling import sample_tiled
+
+        decode = sample_tiled
+        kwargs.update(tile=min(args.tile, height, width), overlap=args.overlap)
+        if chunk_arg == "auto":  # the chunk applies to one window: let the sampler choose it for the tile
+            kwargs["chunk"] = None
     if args.accel == "cuda-graph":
         from pid_decoder.accel import sample_cuda_graph
 
@@ -137,13 +144,15 @@ def run_case(net, cfg, args, device, dtype, height, width, chunk_arg) -> dict:
         command += ["--attention", args.attention]
     if args.max_memory is not None:
         command += ["--max-memory", str(args.max_memory)]
+    if args.tile:
+        command += ["--tile", str(args.tile), "--overlap", str(args.overlap)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     result = {
         "size": args.size, "height": height, "width": width, "dtype": dtype_name, "device": str(device),
         "threads": torch.get_num_threads(), "steps": args.steps, "batch": args.batch, "runs": args.runs,
         "chunk": chunk, "chunk_arg": chunk_arg, "max_memory": args.max_memory, "accel": args.accel,
-        "attention": args.attention,
+        "attention": args.attention, "tile": args.tile or None,
         "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
         "tflops": round(flops / statistics.median(times) / 1e12, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -178,8 +187,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-memory", default=None, help="memory budget for the pixel pathway (chunk auto), e.g. 4GB")
-    parser.add_argument("--accel", choices=["none", "compile", "cuda-graph"], default="none",
-                        help="optional acceleration (pid_decoder.accel); compile time is in the warm-up")
+    parser.add_argument("--accel", choices=["none", "compile", "cuda-graph", "offload"], default="none",
+                        help="optional acceleration (pid_decoder.accel; compile time is in the warm-up) or "
+                             "sequential block offload (weights of the blocks in CPU memory)")
+    parser.add_argument("--tile", type=int, default=0, help="approximate tiled decode with this tile size (pixels)")
+    parser.add_argument("--overlap", type=int, default=128, help="tile overlap in pixels (with --tile)")
     parser.add_argument(
         "--autocast", action="store_true",
         help="reference-style precision: float32 weights under bf16 autocast (a proxy for the reference's timing)",
@@ -200,9 +212,13 @@ def main() -> None:
         device = torch.device("cuda", torch.cuda.current_device())
     cfg = SIZES[args.size] if args.size in SIZES else resolve_preset(args.size).net
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("cpu" if args.accel == "offload" else device):
         net = PiDNet(cfg)
     net = net.to(dtype).eval().requires_grad_(False)
+    if args.accel == "offload":
+        from pid_decoder.accel import enable_sequential_offload
+
+        enable_sequential_offload(net, device)
     if args.accel == "compile":
         from pid_decoder.accel import compile_network
 

@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 R="$OUT/gpu.jsonl"
 SIZE=${SIZE:-flux-4k}
-PARTS=${PARTS:-env parity attention decode reference fp32 graphs tests compile memory profile}
+PARTS=${PARTS:-env parity attention decode reference fp32 graphs tests compile memory profile offload tiled}
 B=(timeout 240 "$PY" bench/decode.py --size "$SIZE" --out "$R")
 part() { echo; echo "== $* ($(date +%T))"; }
 
@@ -43,9 +43,14 @@ decode_() {
 reference_() { "${B[@]}" --autocast --resolutions 1024 2048 4096 --chunks all --attention torch --runs 2 --warmup 2; }
 fp32_() { "${B[@]}" --dtype fp32 --resolutions 1024 2048 --runs 2; }
 graphs_() { "${B[@]}" --accel cuda-graph --resolutions 512 1024 2048 --runs 5 --warmup 2; }
-tests_() { timeout 200 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_accel.py 2>&1 | tail -25 | tee "$OUT/pytest.txt"; }
+tests_() { timeout 200 "$PY" -m pytest -q -m gpu ${TESTS:-tests/test_gpu.py tests/test_accel.py} 2>&1 | tail -25 | tee "$OUT/pytest.txt"; }
 compile_() { timeout 240 "$PY" bench/decode.py --size "$SIZE" --out "$R" --accel compile --resolutions 2048 4096 --runs 3 --warmup 2; }
 memory_() { PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "${B[@]}" --resolutions 4096 --runs 1 --warmup 1; }
+offload_() { "${B[@]}" --accel offload --resolutions 2048 --runs 2 --warmup 1; }
+tiled_() {
+  "${B[@]}" --tile 2048 --overlap 128 --resolutions 4096 --runs 1 --warmup 1
+  "${B[@]}" --tile 2048 --overlap 128 --resolutions 8192 --runs 1 --warmup 1
+}
 profile_() { "${B[@]}" --resolutions 2048 --runs 1 --warmup 2 --profile > "$OUT/profile.txt"; tail -40 "$OUT/profile.txt"; }
 
 for p in $PARTS; do

@@ -16,7 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-CASE = ("size", "device", "dtype", "height", "width", "threads", "steps", "batch", "chunk")
+CASE = ("size", "device", "dtype", "height", "width", "threads", "steps", "batch", "chunk", "accel", "attention",
+        "alloc_conf", "tile")
 
 
 def load(path: Path) -> list[dict]:
@@ -26,7 +27,8 @@ def load(path: Path) -> list[dict]:
         if line.strip():
             record = json.loads(line)
             latest[tuple(record.get(k) for k in CASE)] = record
-    key = lambda r: (r["size"], r["device"], r["dtype"], r["height"] * r["width"], r["height"])
+    key = lambda r: (r["size"], r["device"], r["dtype"], r.get("accel") or "none", r.get("attention") or "",
+                     r["height"] * r["width"], r["height"], r.get("chunk") or 0)
     return sorted(latest.values(), key=key)
 
 
@@ -37,17 +39,30 @@ def memory_mb(record: dict) -> tuple[float, str]:
     return record["peak_rss_mb"], "RSS"
 
 
+def _variant(record: dict) -> str:
+    """What distinguishes a run beyond size/dtype: acceleration, attention kernels, allocator settings."""
+    parts = [record.get("accel") or "none"]
+    if record.get("attention"):
+        parts.append(f"attn {record['attention']}")
+    if record.get("tile"):
+        parts.append(f"tiled {record['tile']} (approximate)")
+    if record.get("alloc_conf"):
+        parts.append(record["alloc_conf"])
+    return ", ".join(parts)
+
+
 def table(records: list[dict]) -> str:
-    head = ("| size | device | dtype | H x W | Mpx | s / decode (median) | min s | peak memory MB | TFLOP/s | threads "
-            "| chunk |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| size | device | dtype | variant | H x W | Mpx | s / decode (median) | min s | peak memory MB | "
+            "TFLOP/s | threads | chunk |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in records:
         mem, kind = memory_mb(r)
         device = r.get("gpu") or r["device"]
+        reserved = f", {r['peak_reserved_mb']:.0f} reserved" if r.get("peak_reserved_mb") else ""
         rows.append(
-            f"| {r['size']} | {device} | {r['dtype']} | {r['height']}x{r['width']} | "
-            f"{r['height'] * r['width'] / 1e6:.2f} | {r['median_s']:.2f} | {r['min_s']:.2f} | {mem:.0f} ({kind}) | "
-            f"{r['tflops']:.3f} | {r.get('threads', '')} | {r.get('chunk') or 'all'} |"
+            f"| {r['size']} | {device} | {r['dtype']} | {_variant(r)} | {r['height']}x{r['width']} | "
+            f"{r['height'] * r['width'] / 1e6:.2f} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
+            f"{mem:.0f} ({kind}{reserved}) | {r['tflops']:.3f} | {r.get('threads', '')} | {r.get('chunk') or 'all'} |"
         )
     return "\n".join([head, *rows])
 
@@ -64,12 +79,12 @@ def plot(records: list[dict], path: Path) -> bool:
     series: dict[tuple, list[tuple[float, float]]] = {}
     for r in records:
         mem, kind = memory_mb(r)
-        series.setdefault((r["size"], r.get("gpu") or r["device"], r["dtype"], kind), []).append(
-            (r["height"] * r["width"] / 1e6, mem)
-        )
-    for (size, device, dtype, kind), points in sorted(series.items()):
-        points.sort()
-        ax.plot(*zip(*points), marker="o", label=f"{size} {dtype} {device} ({kind})")
+        name = (r["size"], r.get("gpu") or r["device"], r["dtype"], _variant(r), kind)
+        series.setdefault(name, {})[r["height"] * r["width"] / 1e6] = mem  # one point per size (the last run)
+    for (size, device, dtype, variant, kind), points in sorted(series.items()):
+        if len(points) < 3:  # the plot shows how memory grows: only series measured at three or more sizes
+            continue
+        ax.plot(*zip(*sorted(points.items())), marker="o", label=f"{size} {dtype} {device}, {variant} ({kind})")
     ax.set_xlabel("output megapixels")
     ax.set_ylabel("peak memory (MB)")
     ax.set_title("PiD 4-step decode: peak memory vs pixels")

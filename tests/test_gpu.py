@@ -131,3 +131,22 @@ def test_attention_backends_agree_on_cuda(tiny_config, backend):
         finally:
             set_attention_backend("auto")
     assert rel_l2(out.cpu(), ref.cpu()) <= 2e-2
+
+
+def test_pipeline_on_cuda_draws_from_a_cuda_generator_as_the_reference(tiny_config):
+    import numpy as np
+
+    from pid_decoder import PiDPipeline
+    from pid_decoder.backbones import tensor_to_image
+
+    torch.manual_seed(0)
+    net = PiDNet(tiny_config).to("cuda").eval()
+    pipe = PiDPipeline(net, backbone_name="flux")
+    assert pipe.noise_device.type == "cuda"
+    latent = torch.randn(1, 16, 2, 3, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(5, 24, generator=torch.Generator().manual_seed(1))
+    image = pipe.decode(latent, text_embedding=emb, seed=7)[0]
+    # parity: the reference hands PiD the latent rounded to bf16
+    out = sample(net, latent.to(torch.bfloat16).float().cuda(), emb[None].cuda(), 0.0, height=64, width=96,
+                 generator=torch.Generator("cuda").manual_seed(7))
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(tensor_to_image(out)))

@@ -72,6 +72,15 @@ def test_decode_equals_sample_with_cpu_generator(pipe, net, emb):
     np.testing.assert_array_equal(pixels(images[1]), expected_image(net, latents[1:], emb, 0.0, 8))  # item i: seed + i
 
 
+def test_noise_device_defaults_to_cpu_off_cuda_and_is_validated(assets, presets, net):
+    from pid_decoder import PiDPipeline
+
+    assert PiDPipeline(net, TINY_ALIAS).noise_device == torch.device("cpu")
+    assert PiDPipeline(net, TINY_ALIAS, noise_device="cpu").generator(3).device.type == "cpu"
+    with pytest.raises(ValueError, match="noise device must be 'auto', 'cpu' or a CUDA device"):
+        PiDPipeline(net, TINY_ALIAS, noise_device="mps")
+
+
 def test_decode_sigma_and_3d_latent(pipe, net, emb):
     latent = torch.randn(16, 2, 2, generator=torch.Generator().manual_seed(1))
     image = pipe.decode(latent, text_embedding=emb, sigma=0.4, seed=3)[0]

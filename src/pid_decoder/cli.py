@@ -182,7 +182,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _sampling_args(p: argparse.ArgumentParser, *, seed: int, prompt: bool = True) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=seed,
-                   help=f"all noise comes from a CPU generator seeded with this (default {seed})")
+                   help=f"all noise comes from generators seeded with this (default {seed})")
+    g.add_argument("--noise-device", default="auto",
+                   help="where the seeded generators live: auto (CUDA when PiD runs on CUDA, as the reference: "
+                        "the reference's image for a seed), cpu (the same image for a seed on every device), cuda")
     g.add_argument("--steps", type=int, help="sampler steps (default: the preset's, 4 for the distilled ones)")
     if prompt:
         g.add_argument("--prompt", default=None, help="caption for PiD (default: the empty prompt)")
@@ -293,7 +296,7 @@ def _load_pipeline(args: argparse.Namespace, device: str, *, need_backbone: bool
         pipe = PiDPipeline.from_pretrained(
             args.checkpoint or preset, preset=preset if args.checkpoint else None, config=config,
             weights_dir=args.weights_dir, device=device, dtype=args.dtype, text_encoder=args.text_encoder,
-            backbone=backbone, backbone_name=args.backbone,
+            backbone=backbone, backbone_name=args.backbone, noise_device=args.noise_device,
         )
         bar.update(1)
     finally:

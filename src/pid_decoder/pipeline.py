@@ -8,14 +8,16 @@
 Three entry points, as in the reference (pipelines.md):
 - `decode`: a normalised latent (plus its noise level σ) -> PiD image at ``latent size x down x scale``;
 - `upscale` (the reference's ``from_clean``): centre-crop to the backbone's multiple, encode, optionally
-  noise at σ with a CPU generator seeded ``seed + index``, decode with PiD seeded ``seed + index``;
+  noise at σ with a generator seeded ``seed + index``, decode with PiD seeded ``seed + index``;
 - `generate` (``from_ldm``): run a diffusers pipeline, capture x_t after chosen steps and the final latent,
   and decode each with its σ, PiD seeded ``seed``.
 `decode_pipeline_latents` is the drop-in for ``vae.decode``: it takes what any supported diffusers pipeline
 returns with ``output_type="latent"``.
 
-Randomness: every draw (LDM noise, latent noise, PiD noise) comes from a CPU ``torch.Generator`` seeded as
-stated, so the same seed gives the same image on every device.
+Randomness: every draw (LDM noise, latent noise, PiD noise) comes from a ``torch.Generator`` seeded as stated,
+on the ``noise_device``: by default ("auto") a CUDA generator when the network runs on CUDA, as the reference
+does (so a seed gives the reference's image there, and no noise crosses the bus), else a CPU generator.
+``noise_device="cpu"`` gives the same image for a seed on every device.
 """
 
 from __future__ import annotations
@@ -126,8 +128,16 @@ class Decoded:
     baseline: Any = None  # PIL image, native VAE decode (return_baseline=True)
 
 
-def _cpu_generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+def resolve_noise_device(noise_device: str | torch.device, device: torch.device) -> torch.device:
+    """"auto" -> ``device`` when it is CUDA (the reference's generator), else cpu; else that device."""
+    if str(noise_device) == "auto":
+        return device if device.type == "cuda" else torch.device("cpu")
+    dev = torch.device(noise_device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"noise device must be 'auto', 'cpu' or a CUDA device, got {str(noise_device)!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"noise device {str(noise_device)!r} requested but CUDA is not available")
+    return dev
 
 
 def _bf16_round(latent: torch.Tensor) -> torch.Tensor:
@@ -147,6 +157,8 @@ class PiDPipeline:
         sampler: overrides the preset's sampler (default: the preset's, else the 4-step student).
         backbone_name: the latent space when there is no preset (e.g. "flux").
         negative_embedding: (T, D) embedding of the negative prompt for the teacher presets (default: Gemma).
+        noise_device: where seeded generators live: "auto" (CUDA when the net is on CUDA, as the reference;
+            else cpu), "cpu" (the same image for a seed on every device) or a CUDA device.
     """
 
     def __init__(
@@ -159,8 +171,11 @@ class PiDPipeline:
         sampler: SamplerConfig | None = None,
         backbone_name: str | None = None,
         negative_embedding: torch.Tensor | None = None,
+        noise_device: str | torch.device = "auto",
     ):
         self.net = net
+        self.noise_device = resolve_noise_device(noise_device, net.device)
+        self._noise_auto = str(noise_device) == "auto"
         self.preset = resolve_preset(preset) if preset is not None else getattr(net, "preset", None)
         self.sampler = sampler or (self.preset.sampler if self.preset is not None else SamplerConfig())
         name = backbone_name or (self.preset.backbone if self.preset is not None else None)
@@ -190,6 +205,7 @@ class PiDPipeline:
         config: NetConfig | dict | None = None,
         backbone_name: str | None = None,
         allow_download: bool | None = None,
+        noise_device: str | torch.device = "auto",
     ) -> PiDPipeline:
         """Load a preset (alias or released folder name) or a checkpoint file, and its backbone.
 
@@ -207,6 +223,7 @@ class PiDPipeline:
             config: network config for a self-trained checkpoint (NetConfig or the reference's net arguments).
             backbone_name: the latent space of a checkpoint without preset (e.g. "flux").
             allow_download: default "not HF_HUB_OFFLINE".
+            noise_device: where the seeded generators live (see the class).
         """
         from . import weights
         from .checkpoints import load_network
@@ -240,12 +257,22 @@ class PiDPipeline:
         if backbone is None and name is not None and backbone_path is None:  # preset known only from the file
             backbone_path = weights.resolve([weights.backbone_spec(name)], weights_dir, allow_download=allow_download)[0]
         bb = _make_backbone(name, backbone if backbone is not None else backbone_path, dev, dt)
-        return cls(net, preset, bb, text_encoder, backbone_name=name)
+        return cls(net, preset, bb, text_encoder, backbone_name=name, noise_device=noise_device)
 
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
         return self.net.device
+
+    def _ldm_noise_device(self, ldm_pipeline: Any) -> torch.device:
+        if self._noise_auto:
+            device = getattr(ldm_pipeline, "_execution_device", None)
+            return device if isinstance(device, torch.device) and device.type == "cuda" else torch.device("cpu")
+        return self.noise_device
+
+    def generator(self, seed: int, device: torch.device | None = None) -> torch.Generator:
+        """A generator seeded ``seed`` on the noise device (or on ``device`` where a caller needs one there)."""
+        return torch.Generator(device=device or self.noise_device).manual_seed(int(seed))
 
     @property
     def scale(self) -> int | None:
@@ -312,11 +339,11 @@ class PiDPipeline:
         callback: StepCallback | None,
         chunk: int | None,
     ) -> torch.Tensor:
-        """One item: (1, C, h, w) latent -> (1, 3, H, W) in [-1, 1]; noise from a CPU generator seeded ``seed``."""
+        """One item: (1, C, h, w) latent -> (1, 3, H, W) in [-1, 1]; noise from a generator seeded ``seed``."""
         from .sampling import sample, sample_teacher
 
         height, width = self.net.output_size(tuple(latent.shape[-2:]))
-        generator = _cpu_generator(seed)
+        generator = self.generator(seed)
         cfg = self.sampler
         steps = cfg.steps if steps is None else int(steps)
         if cfg.kind == "student":
@@ -378,8 +405,8 @@ class PiDPipeline:
     ):
         """Decode normalised latents (B, C, h, w) or (C, h, w) with PiD -> list of B PIL images.
 
-        Item i uses a CPU generator seeded ``seed + i`` (item 0 equals ``sample(..., generator=
-        torch.Generator().manual_seed(seed))``). ``sigma`` is the latent's noise level in PiD's frame (0 for a
+        Item i uses a generator seeded ``seed + i`` on the noise device (item 0 equals ``sample(...,
+        generator=torch.Generator(pipe.noise_device).manual_seed(seed))``). ``sigma`` is the latent's noise level in PiD's frame (0 for a
         final LDM latent). With ``return_baseline`` returns ``(images, baselines)``, the baselines being the
         backbone's own decode at native size.
         """
@@ -418,7 +445,7 @@ class PiDPipeline:
         """Images -> VAE encode -> (noise at σ) -> PiD at the preset's scale (the reference's ``from_clean``).
 
         ``images``: a PIL image or a list of them. Each is centre-cropped to the backbone's multiple (16), encoded
-        to its normalised latent, noised at ``sigma`` with a CPU generator seeded ``seed + index`` (no draw at
+        to its normalised latent, noised at ``sigma`` with a generator seeded ``seed + index`` (on the noise device) (no draw at
         σ = 0), and decoded with PiD seeded ``seed + index``, index = ``index_offset + i``. Default seed 5 as the
         reference. Returns PIL images (and the baselines: the backbone's decode of the same latent).
         """
@@ -441,7 +468,7 @@ class PiDPipeline:
             index = index_offset + i
             x = image_to_tensor(image, backbone.image_multiple)  # (1, 3, H, W)
             clean = backbone.encode(x)  # (1, C, h, w)
-            noisy = backbone.add_noise(clean.float(), float(sigma), _cpu_generator(seed + index))
+            noisy = backbone.add_noise(clean.float(), float(sigma), self.generator(seed + index))
             latent = _bf16_round(noisy).cpu()
             out = self._sample(latent, text[i : i + 1], float(sigma), seed + index, steps, callback, chunk)
             outs.append(tensor_to_image(out))
@@ -525,8 +552,9 @@ class PiDPipeline:
             ldm_steps, guidance_scale: default per backbone (pipelines.md §2.1).
             capture_steps: 1-based steps K after which x_t is captured (σ = scheduler.sigmas[K]); default the
                 recommended step (e.g. 24 of 28 for flux, none for klein / Z-Image-Turbo). x0 is always decoded.
-            seed: PiD's noise (a CPU generator seeded ``seed`` for every latent) and, unless ``ldm_seed`` is given,
-                the LDM's (the reference's CLI uses ``ldm_seed = seed + prompt index``).
+            seed: PiD's noise (a generator seeded ``seed`` for every latent) and, unless ``ldm_seed`` is given,
+                the LDM's (the reference's CLI uses ``ldm_seed = seed + prompt index``). The LDM's generator
+                lives on the LDM pipeline's device when the noise device is "auto" and that device is CUDA.
         Returns:
             `Decoded` entries: captured steps in ascending order, then "x0".
         """
@@ -580,7 +608,7 @@ class PiDPipeline:
             out = ldm_pipeline(
                 prompt=prompt, height=height, width=width, num_inference_steps=n_steps, guidance_scale=guidance,
                 num_images_per_prompt=1, output_type="latent",
-                generator=_cpu_generator(seed if ldm_seed is None else ldm_seed),
+                generator=self.generator(seed if ldm_seed is None else ldm_seed, self._ldm_noise_device(ldm_pipeline)),
                 callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], **call,
             )
             final, _ = latents_from_pipeline(ldm_pipeline, out.images, height=height, width=width)
