@@ -50,9 +50,9 @@ def main() -> None:
                 ref = F.scaled_dot_product_attention(q, k, v)
             qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
             for kernel, backend in KERNELS.items():
-                def call(backend=backend):
+                def call(backend=backend, qkv=(qb, kb, vb)):
                     with sdpa_kernel(backend):
-                        return F.scaled_dot_product_attention(qb, kb, vb)
+                        return F.scaled_dot_product_attention(*qkv)
                 try:
                     out = call()
                 except RuntimeError as err:
@@ -65,7 +65,7 @@ def main() -> None:
                                   "kernel": kernel, "ms": round(ms, 3),
                                   "tflops": round(4 * n * n * h * d / ms / 1e9, 1), "rel_l2_vs_fp32": float(f"{err:.3g}")}),
                       flush=True)
-            del q, k, v, ref, qb, kb, vb
+            del q, k, v, ref, qb, kb, vb, call
 
 
 if __name__ == "__main__":

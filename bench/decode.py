@@ -114,8 +114,11 @@ def run_case(net, cfg, args, device, dtype, height, width, chunk_arg) -> dict:
         graphs: dict = {}
         decode = lambda *a, **kw: sample_cuda_graph(*a, graphs=graphs, **kw)  # noqa: E731
 
+    cpu_times = []
+
     def run() -> float:
         _sync(device)
+        cpu_start = time.process_time()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
             out = decode(net, latent, text, 0.0, generator=torch.Generator(device).manual_seed(0), **kwargs)
@@ -123,13 +126,16 @@ def run_case(net, cfg, args, device, dtype, height, width, chunk_arg) -> dict:
             _sync(device)
         else:
             out.cpu()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        cpu_times.append(time.process_time() - cpu_start)
+        return elapsed
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         run()
+    cpu_times.clear()
     times = [run() for _ in range(args.runs)]
     flops = network_flops(cfg, height, width, text.shape[1]) * args.steps * args.batch
     dtype_name = "autocast-bf16" if args.autocast else args.dtype
@@ -154,6 +160,8 @@ def run_case(net, cfg, args, device, dtype, height, width, chunk_arg) -> dict:
         "chunk": chunk, "chunk_arg": chunk_arg, "max_memory": args.max_memory, "accel": args.accel,
         "attention": args.attention, "tile": args.tile or None,
         "median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
+        # CPU seconds of this process per decode (all threads): on a shared machine, not inflated by steal time
+        "cpu_s": round(statistics.median(cpu_times), 3),
         "tflops": round(flops / statistics.median(times) / 1e12, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 1),

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pid_decoder import load_network
 from pid_decoder import checkpoints as ck
+from pid_decoder import load_network
 from pid_decoder.config import NetConfig
 from pid_decoder.presets import Preset, SamplerConfig
 

@@ -251,6 +251,54 @@ def test_decode_latent_formats_equal_sample(assets, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{path.stem}.png")), expected)
 
 
+def _decoded(tmp_path, assets, name, *extra, capsys):
+    latent = torch.randn(1, 16, 1, 2, generator=torch.Generator().manual_seed(0))
+    torch.save(latent, tmp_path / "lat.pt")
+    code, stdout, err = run("decode", tmp_path / "lat.pt", "-o", tmp_path / name, "--seed", "7", *file_args(assets),
+                            *extra, capsys=capsys)
+    assert code == 0, err
+    return np.asarray(Image.open(stdout.split()[0])).astype(int)
+
+
+def test_speed_and_memory_options_give_the_same_image(assets, tmp_path, capsys):
+    plain = _decoded(tmp_path, assets, "plain", capsys=capsys)
+    # a 1 KB budget: one patch token per pixel-pathway chunk; exact up to float rounding
+    assert np.abs(_decoded(tmp_path, assets, "budget", "--max-memory", "1KB", capsys=capsys) - plain).max() <= 1
+    np.testing.assert_array_equal(_decoded(tmp_path, assets, "offload", "--offload", capsys=capsys), plain)
+    np.testing.assert_array_equal(_decoded(tmp_path, assets, "flash", "--attention", "flash", capsys=capsys), plain)
+    # a tile as large as the output: the exact path
+    np.testing.assert_array_equal(_decoded(tmp_path, assets, "onetile", "--tile", "64", "--tile-overlap", "16", capsys=capsys), plain)
+
+
+def test_tile_option_is_the_tiled_decode(assets, tmp_path, capsys):
+    from pid_decoder.text import load_text_embedding
+    from pid_decoder.tiling import sample_tiled
+
+    tiled = _decoded(tmp_path, assets, "tiled", "--tile", "32", "--tile-overlap", "16", capsys=capsys)
+    net = load_tiny_net(assets["checkpoint"])
+    emb, _ = load_text_embedding(assets["embedding"])
+    latent = torch.randn(1, 16, 1, 2, generator=torch.Generator().manual_seed(0))
+    ref = sample_tiled(net, latent.to(torch.bfloat16).float(), emb[None], 0.0, height=32, width=64, tile=32,
+                       overlap=16, generator=torch.Generator().manual_seed(7))
+    np.testing.assert_array_equal(tiled, np.asarray(tensor_to_image(ref)).astype(int))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-memory", "lots"], "--max-memory: cannot read memory budget 'lots'"),
+        (["--tile", "40"], "--tile/--tile-overlap: .*multiple"),
+        (["--offload", "--compile"], "--offload and --compile do not combine"),
+    ],
+)
+def test_bad_speed_and_memory_options_are_usage_errors(assets, tmp_path, capsys, extra, message):
+    import re
+
+    torch.save(torch.randn(1, 16, 1, 2), tmp_path / "lat.pt")
+    code, _, err = run("decode", tmp_path / "lat.pt", "-o", tmp_path / "o", *file_args(assets), *extra, capsys=capsys)
+    assert code == 2 and re.search(message, err), err
+
+
 def test_decode_batch_file_and_sigma(assets, tmp_path, capsys):
     latents = torch.randn(2, 16, 2, 2)
     torch.save(latents, tmp_path / "two.pt")

@@ -81,6 +81,18 @@ def test_noise_device_defaults_to_cpu_off_cuda_and_is_validated(assets, presets,
         PiDPipeline(net, TINY_ALIAS, noise_device="mps")
 
 
+def test_speed_and_memory_options_are_checked_up_front(presets, net):
+    from pid_decoder import PiDPipeline
+
+    with pytest.raises(ValueError, match="multiple"):
+        PiDPipeline(net, TINY_ALIAS, tile=40)
+    with pytest.raises(ValueError, match="overlap"):
+        PiDPipeline(net, TINY_ALIAS, tile=32, tile_overlap=32)
+    with pytest.raises(ValueError, match="cannot read memory budget"):
+        PiDPipeline(net, TINY_ALIAS, max_memory="lots")
+    assert PiDPipeline(net, TINY_ALIAS, max_memory="2GB").max_memory == 2 * 2**30
+
+
 def test_decode_sigma_and_3d_latent(pipe, net, emb):
     latent = torch.randn(16, 2, 2, generator=torch.Generator().manual_seed(1))
     image = pipe.decode(latent, text_embedding=emb, sigma=0.4, seed=3)[0]

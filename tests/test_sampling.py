@@ -117,9 +117,9 @@ def test_teacher_guidance_scale_one_ignores_negative(tiny_net):
 
 
 def test_student_rejects_pixeldit(tiny_config):
-    from pid_decoder import PiDNet
-
     import dataclasses
+
+    from pid_decoder import PiDNet
 
     net = PiDNet(dataclasses.replace(tiny_config, lq=None))
     with pytest.raises(ValueError, match="sample_teacher"):
@@ -137,7 +137,7 @@ def test_full_window_equals_plain_decode(tiny_net):
         windowed = tiny_net.denoise(x, t, tiny_net.prepare(text, lq, sigma, 64, 96, window=Window(0, 0, 64, 96)))
         assert torch.equal(plain, windowed)
         part = tiny_net.prepare(text, lq, sigma, 32, 48, window=Window(16, 32, 64, 96))
-        assert part.rope_patch[0].shape[0] == 2 * 3 and part.lq_feats[0].shape[1] == 6
+        assert part.rope_patch.shape[0] == 2 * 3 and part.lq_feats[0].shape[1] == 6
         assert tiny_net.denoise(x[..., 16:48, 32:80], t, part).shape == (1, 3, 32, 48)
     with pytest.raises(ValueError, match="does not fit"):
         tiny_net.prepare(text, lq, sigma, 64, 64, window=Window(16, 48, 64, 96))

@@ -114,3 +114,21 @@ def test_tiled_rejects_pixeldit_and_bad_mode(tiny_net, tiny_config):
     pixeldit = PiDNet(dataclasses.replace(tiny_config, lq=None))
     with pytest.raises(ValueError, match="PixelDiT"):
         sample_tiled(pixeldit, None, text, None, height=64, width=96, tile=32)
+
+
+def test_lazy_lq_windows_give_the_same_velocity_and_hold_no_features(tiny_net):
+    """Tiled decode keeps the LQ trunk output once and runs the per-token heads per window and step."""
+    from pid_decoder.model.net import Crop
+
+    lq, text, sigma = _inputs()
+    crops = [Crop(0, 0, 32, 48), Crop(32, 48, 32, 48), None]
+    with torch.inference_mode():
+        eager = tiny_net.prepare_windows(text, lq, sigma, 64, 96, crops)
+        lazy = tiny_net.prepare_windows(text, lq, sigma, 64, 96, crops, lazy_lq=True)
+        for e, z in zip(eager, lazy):
+            assert z.lq_feats is None and z.pit_feat is None and z.lq_source is not None
+            x = torch.randn(1, 3, e.height, e.width, generator=torch.Generator().manual_seed(2))
+            t = torch.tensor([600.0])
+            assert torch.equal(tiny_net.denoise(x, t, z), tiny_net.denoise(x, t, e))
+    # the windows share one trunk output
+    assert lazy[0].lq_source[0] is lazy[1].lq_source[0]

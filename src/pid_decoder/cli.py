@@ -195,6 +195,24 @@ def _sampling_args(p: argparse.ArgumentParser, *, seed: int, prompt: bool = True
                         "the reference's negative prompt)")
 
 
+def _performance_args(p: argparse.ArgumentParser) -> None:
+    from .model.attention import ATTENTION_BACKENDS
+
+    g = p.add_argument_group("speed and memory (docs/performance.md)")
+    g.add_argument("--max-memory", help="memory budget of the per-pixel pathway, e.g. 6GB (default: from the free "
+                                        "GPU memory); exact for any budget")
+    g.add_argument("--tile", type=int, help="APPROXIMATE tiled decode, in tiles of this many pixels (multiple of 16), "
+                                            "for outputs larger than it; off by default")
+    g.add_argument("--tile-overlap", type=int, default=128, help="overlap of neighbouring tiles in pixels (default 128)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the transformer blocks in CPU memory and run them on the GPU one at a time "
+                        "(GPUs smaller than the weights; slower)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks (faster on GPUs after a slow first image per size)")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                   help="CUDA attention kernels to prefer (default auto: cuDNN, then FlashAttention-2)")
+
+
 def _output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", help=f"output folder (default ./{DEFAULT_OUTPUT_DIR}) or, for one input, a file")
@@ -265,6 +283,22 @@ def _check_model_args(args: argparse.Namespace) -> None:
     sigma = getattr(args, "sigma", 0.0)
     if not 0.0 <= sigma <= 1.0:
         raise UsageError(f"--sigma must be in [0, 1], got {sigma}")
+    if args.max_memory is not None:
+        from .model.memory import parse_memory
+
+        try:
+            parse_memory(args.max_memory)
+        except ValueError as err:
+            raise UsageError(f"--max-memory: {err}") from None
+    if args.tile is not None:
+        from .tiling import plan_tiles
+
+        try:  # the same checks the tiled decode makes, on an image of 2 x 2 tiles
+            plan_tiles(2 * args.tile, 2 * args.tile, args.tile, args.tile_overlap)
+        except ValueError as err:
+            raise UsageError(f"--tile/--tile-overlap: {err}") from None
+    if args.offload and args.compile:
+        raise UsageError("--offload and --compile do not combine (the offload hooks move weights between calls)")
     from .presets import resolve_preset
 
     if args.preset:
@@ -283,6 +317,8 @@ def _check_model_args(args: argparse.Namespace) -> None:
 
 def _load_pipeline(args: argparse.Namespace, device: str, *, need_backbone: bool):
     """PiDPipeline from the CLI options (checks and downloads every weight file before loading any)."""
+    from .accel import compile_network
+    from .model.attention import set_attention_backend
     from .pipeline import PiDPipeline
 
     preset = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
@@ -293,11 +329,15 @@ def _load_pipeline(args: argparse.Namespace, device: str, *, need_backbone: bool
         backbone = False
     bar = _progress(args)(total=1, desc="loading PiD", unit="model")
     try:
+        set_attention_backend(args.attention)
         pipe = PiDPipeline.from_pretrained(
             args.checkpoint or preset, preset=preset if args.checkpoint else None, config=config,
             weights_dir=args.weights_dir, device=device, dtype=args.dtype, text_encoder=args.text_encoder,
-            backbone=backbone, backbone_name=args.backbone, noise_device=args.noise_device,
+            backbone=backbone, backbone_name=args.backbone, noise_device=args.noise_device, offload=args.offload,
+            max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
         )
+        if args.compile:
+            compile_network(pipe.net)
         bar.update(1)
     finally:
         bar.close()
@@ -416,6 +456,7 @@ def _upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float, default=0.0, help="noise the latent at this level first (0..1, default 0)")
     _model_args(p)
     _sampling_args(p, seed=5)
+    _performance_args(p)
     _output_args(p)
 
 
@@ -475,6 +516,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
                    help="noise level of the latents in PiD's frame (0 = final/clean latent, default)")
     _model_args(p)
     _sampling_args(p, seed=0)
+    _performance_args(p)
     _output_args(p)
 
 
@@ -542,6 +584,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    help="decode x_t after these LDM steps too (default: the recommended one, e.g. 24 for flux)")
     _model_args(p)
     _sampling_args(p, seed=0, prompt=False)
+    _performance_args(p)
     _output_args(p)
 
 

@@ -159,6 +159,11 @@ class PiDPipeline:
         negative_embedding: (T, D) embedding of the negative prompt for the teacher presets (default: Gemma).
         noise_device: where seeded generators live: "auto" (CUDA when the net is on CUDA, as the reference;
             else cpu), "cpu" (the same image for a seed on every device) or a CUDA device.
+        max_memory: memory budget of the pixel pathway ("6GB", bytes; None = from the free device memory). Exact
+            for any budget (docs/performance.md).
+        tile, tile_overlap: approximate tiled decode (`pid_decoder.tiling`) for outputs larger than ``tile``
+            pixels (int or (h, w), multiples of 16) with ``tile_overlap`` pixels of overlap; outputs that fit in
+            one tile use the exact path. Off (None) by default; distilled (student) presets only.
     """
 
     def __init__(
@@ -172,8 +177,20 @@ class PiDPipeline:
         backbone_name: str | None = None,
         negative_embedding: torch.Tensor | None = None,
         noise_device: str | torch.device = "auto",
+        max_memory: int | str | None = None,
+        tile: int | tuple[int, int] | None = None,
+        tile_overlap: int = 128,
     ):
+        from .model.memory import parse_memory
+
         self.net = net
+        self.max_memory = None if max_memory is None else parse_memory(max_memory)
+        self.tile, self.tile_overlap = tile, int(tile_overlap)
+        if tile is not None:  # check the tile and overlap now, on a plan for an image of 2 x 2 tiles
+            from .tiling import _as_pair, plan_tiles
+
+            th, tw = _as_pair(tile, "tile")
+            plan_tiles(2 * th, 2 * tw, tile, self.tile_overlap, multiple=net.config.patch_size)
         self.noise_device = resolve_noise_device(noise_device, net.device)
         self._noise_auto = str(noise_device) == "auto"
         self.preset = resolve_preset(preset) if preset is not None else getattr(net, "preset", None)
@@ -206,6 +223,8 @@ class PiDPipeline:
         backbone_name: str | None = None,
         allow_download: bool | None = None,
         noise_device: str | torch.device = "auto",
+        offload: bool = False,
+        **options: Any,
     ) -> PiDPipeline:
         """Load a preset (alias or released folder name) or a checkpoint file, and its backbone.
 
@@ -224,6 +243,9 @@ class PiDPipeline:
             backbone_name: the latent space of a checkpoint without preset (e.g. "flux").
             allow_download: default "not HF_HUB_OFFLINE".
             noise_device: where the seeded generators live (see the class).
+            offload: keep the transformer blocks' weights in (pinned) CPU memory and run them on ``device`` one
+                at a time (`pid_decoder.accel.enable_sequential_offload`): for GPUs smaller than the weights.
+            options: ``max_memory``, ``tile``, ``tile_overlap`` (see the class).
         """
         from . import weights
         from .checkpoints import load_network
@@ -251,13 +273,17 @@ class PiDPipeline:
         checkpoint = path if path is not None else resolved.pop(0)
         backbone_path = resolved.pop(0) if resolved else None
 
-        net = load_network(checkpoint, config, preset=preset, dtype=dt, device=dev)
+        net = load_network(checkpoint, config, preset=preset, dtype=dt, device="cpu" if offload else dev)
+        if offload:
+            from .accel import enable_sequential_offload
+
+            enable_sequential_offload(net, dev)
         preset = preset or net.preset
         name = name or (preset.backbone if preset is not None else None)
         if backbone is None and name is not None and backbone_path is None:  # preset known only from the file
             backbone_path = weights.resolve([weights.backbone_spec(name)], weights_dir, allow_download=allow_download)[0]
         bb = _make_backbone(name, backbone if backbone is not None else backbone_path, dev, dt)
-        return cls(net, preset, bb, text_encoder, backbone_name=name, noise_device=noise_device)
+        return cls(net, preset, bb, text_encoder, backbone_name=name, noise_device=noise_device, **options)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -346,17 +372,30 @@ class PiDPipeline:
         generator = self.generator(seed)
         cfg = self.sampler
         steps = cfg.steps if steps is None else int(steps)
+        common = {"height": height, "width": width, "steps": steps, "generator": generator, "chunk": chunk,
+                  "max_memory": self.max_memory, "callback": callback}
         if cfg.kind == "student":
-            return sample(
-                self.net, latent, text, float(sigma), height=height, width=width, steps=steps, mode=cfg.mode,
-                generator=generator, chunk=chunk, callback=callback,
-            )
+            if self._tiled(height, width):
+                from .tiling import sample_tiled
+
+                logger.info("approximate tiled decode of %dx%d in %s tiles", width, height, self.tile)
+                return sample_tiled(self.net, latent, text, float(sigma), mode=cfg.mode, tile=self.tile,
+                                    overlap=self.tile_overlap, **common)
+            return sample(self.net, latent, text, float(sigma), mode=cfg.mode, **common)
+        if self._tiled(height, width):
+            raise ValueError("the tiled decode is for the distilled presets; this preset uses the teacher sampler")
         negative = self._negative(latent.shape[0]) if cfg.cfg_scale != 1.0 else None
         return sample_teacher(
-            self.net, latent, text, float(sigma), negative_text=negative, height=height, width=width, steps=steps,
-            cfg_scale=cfg.cfg_scale, base_shift=cfg.base_shift, base_size=cfg.base_size, generator=generator,
-            chunk=chunk, callback=callback,
+            self.net, latent, text, float(sigma), negative_text=negative, cfg_scale=cfg.cfg_scale,
+            base_shift=cfg.base_shift, base_size=cfg.base_size, **common,
         )
+
+    def _tiled(self, height: int, width: int) -> bool:
+        """Whether an output of this size takes the tiled path (only when it does not fit in one tile)."""
+        if self.tile is None:
+            return False
+        th, tw = (self.tile, self.tile) if isinstance(self.tile, int) else self.tile
+        return height > th or width > tw
 
     def _check_latent(self, latents: Any) -> torch.Tensor:
         if not torch.is_tensor(latents):

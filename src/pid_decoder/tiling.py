@@ -147,8 +147,9 @@ def sample_tiled(
     """Approximate tiled student decode -> (B, 3, height, width) float32 in [-1, 1].
 
     Same arguments as `sampling.sample` (``chunk``/``max_memory`` apply to one window), plus ``tile``
-    (pixels, int or (th, tw), multiples of the patch size) and ``overlap`` (pixels, int or (oh, ow)). Peak activation memory is that of one ``tile``-sized window;
-    the velocity, the image and the per-window conditioning are full-size. See the module docstring.
+    (pixels, int or (th, tw), multiples of the patch size) and ``overlap`` (pixels, int or (oh, ow)). Peak
+    activation memory is that of one ``tile``-sized window; the image, the velocity, the LQ trunk's tokens and
+    the position tables are full-size (a few bytes per pixel). See the module docstring.
     """
     if net.config.lq is None:
         raise ValueError("sample_tiled() is the PiD student sampler; PixelDiT has no latent input")
@@ -157,10 +158,12 @@ def sample_tiled(
     ps = net.config.patch_size
     tiles = plan_tiles(height, width, tile, overlap, multiple=ps)
     overlap_hw = _as_pair(overlap, "overlap")
-    # Step-independent work, once per image: conditioning per window (full-image positions and LQ features).
-    # (the text embedding and the LQ trunk run once; only the per-token LQ heads run per window)
+    # Step-independent work, once per image: conditioning per window (full-image positions; the text embedding
+    # and the LQ trunk run once). The per-token LQ heads run per window and step (lazy_lq), so the LQ features
+    # of only one window exist at a time: memory follows the tile, not the image.
     conds = net.prepare_windows(
-        text, lq_latent, degrade_sigma, height, width, [Crop(t.top, t.left, t.height, t.width) for t in tiles]
+        text, lq_latent, degrade_sigma, height, width, [Crop(t.top, t.left, t.height, t.width) for t in tiles],
+        lazy_lq=len(tiles) > 1,
     )
     log.info("tiled decode %dx%d: %d tiles of %dx%d, overlap %s", height, width, len(tiles),
              tiles[0].height, tiles[0].width, overlap_hw)

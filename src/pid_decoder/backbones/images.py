@@ -12,7 +12,6 @@ Mode handling: every mode becomes 8-bit RGB first.
 from __future__ import annotations
 
 import logging
-
 from typing import TYPE_CHECKING
 
 import numpy as np

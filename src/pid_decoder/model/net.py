@@ -53,6 +53,9 @@ class Conditioning:
     lq_feats: list[torch.Tensor] | None = None  # per injection point, (B, L, D)
     pit_feat: torch.Tensor | None = None  # (B, L, D)
     sigma: torch.Tensor | None = None  # (B,) float32
+    # Lazy LQ features (tiled decode): the LQ trunk's tokens of the whole image and this window's token index;
+    # the per-token heads then run at every evaluation, so only one window's features exist at a time.
+    lq_source: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def batch(self) -> int:
@@ -70,7 +73,7 @@ class Window:
 
 
 def _rows(table: RopeTable, index: torch.Tensor | None) -> RopeTable:
-    return table if index is None else (table[0][index], table[1][index])
+    return table if index is None else table[index]
 
 
 @dataclass(frozen=True)
@@ -160,11 +163,14 @@ class PiDNet(nn.Module):
         height: int,
         width: int,
         crops: list[Crop | None],
+        lazy_lq: bool = False,
     ) -> list[Conditioning]:
         """Conditioning for several crops of one ``height x width`` image (None = the whole image).
 
         Each `Crop` is a region in pixels (multiples of the patch size). The text embedding and the LQ projection's
-        convolutional trunk run once for all crops; only the per-token heads run per crop.
+        convolutional trunk run once for all crops; only the per-token heads run per crop. With ``lazy_lq`` the
+        heads are not evaluated here but at every `denoise` of that crop (from the shared trunk output), so the
+        memory of the LQ features is one crop's, not all crops' together (the tiled decode's choice).
         """
         from .validation import check_inputs, check_window
 
@@ -202,7 +208,10 @@ class PiDNet(nn.Module):
                 pixel_pos=(col[crop.left: crop.left + crop.width], row[crop.top: crop.top + crop.height]),
             )
             if tokens is not None:
-                cond.lq_feats, cond.pit_feat = self.lq_proj.heads(tokens if index is None else tokens[:, index])
+                if lazy_lq:
+                    cond.lq_source = (tokens, index)
+                else:
+                    cond.lq_feats, cond.pit_feat = self.lq_proj.heads(tokens if index is None else tokens[:, index])
                 cond.sigma = sigma.to(dev)
             conds.append(cond)
         return conds
@@ -227,14 +236,18 @@ class PiDNet(nn.Module):
         s = self.s_embedder.proj(patches).float()  # (B, L, D), float32 residual stream
         y = cond.text
         interval = cfg.lq.interval if cfg.lq else 0
+        lq_feats, pit_feat = cond.lq_feats, cond.pit_feat
+        if lq_feats is None and cond.lq_source is not None:
+            tokens, index = cond.lq_source
+            lq_feats, pit_feat = self.lq_proj.heads(tokens if index is None else tokens[:, index])
         for i, block in enumerate(self.patch_blocks):
-            if cond.lq_feats is not None and i % interval == 0:
-                s = self.lq_proj.gate_modules[i // interval](s, cond.lq_feats[i // interval], cond.sigma)
+            if lq_feats is not None and i % interval == 0:
+                s = self.lq_proj.gate_modules[i // interval](s, lq_feats[i // interval], cond.sigma)
             s, y = block(s, y, c, cond.rope_patch, cond.rope_text)
         s = F.silu(t_emb + s)  # (B, L, D)
         if self.pit_lq_gate is not None:
             # parity: the PiT gate is applied after the silu.
-            s = self.pit_lq_gate(s, cond.pit_feat, cond.sigma)
+            s = self.pit_lq_gate(s, pit_feat, cond.sigma)
         s = s.flatten(0, 1)  # (N, D)
         p = self.pixel_embedder(x, cond.pixel_pos)  # (N, P, C)
         for block in self.pixel_blocks:

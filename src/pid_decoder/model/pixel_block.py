@@ -106,9 +106,9 @@ class PixelBlock(nn.Module):
         a = self.attn(xc.view(batch, N // batch, -1), rope).flatten(0, 1)  # (N, A)
         for s, e in _chunks(N, chunk):
             gate_msa, shift, scale, gate_mlp = mod.chunks(cond[s:e], 2, 4).unbind(1)  # 4 x (n, P, C)
-            x = p[s:e] + gate_msa * self.expand_from_attn(a[s:e]).view_as(gate_msa)  # (n, P, C)
-            x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift, scale))
-            p[s:e] = x
+            x = p[s:e]  # (n, P, C) float32 view: both residual updates land in place
+            x += gate_msa * self.expand_from_attn(a[s:e]).view_as(gate_msa)
+            x += gate_mlp * self.mlp(modulate(self.norm2(x), shift, scale))
         return p
 
 

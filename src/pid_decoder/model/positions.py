@@ -9,7 +9,9 @@ import functools
 
 import torch
 
-RopeTable = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (N, head_dim / 2) float32
+# (N, head_dim / 2, 2) float32: (cos, sin) of each rotation angle; `torch.view_as_complex` turns it into the
+# unit complex numbers the pairs of a query/key are multiplied by.
+RopeTable = torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
@@ -38,7 +40,11 @@ def rope_2d(
     angle = torch.stack(
         [ang_x[None, :, :].expand(grid_h, -1, -1), ang_y[:, None, :].expand(-1, grid_w, -1)], dim=-1
     ).reshape(grid_h * grid_w, head_dim // 2)  # (Hg*Wg, d/2), interleaved x0, y0, x1, y1, ...
-    return torch.cos(angle).to(device), torch.sin(angle).to(device)
+    return _table(angle, device)
+
+
+def _table(angle: torch.Tensor, device: torch.device) -> RopeTable:
+    return torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1).to(device)  # (N, d/2, 2)
 
 
 @functools.lru_cache(maxsize=16)
@@ -46,7 +52,7 @@ def rope_1d(length: int, head_dim: int, theta: float, device: torch.device) -> R
     """1-D RoPE for text positions ``0 .. length-1``."""
     freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     angle = torch.outer(torch.arange(length, dtype=torch.float32), freq)  # (T, d/2)
-    return torch.cos(angle).to(device), torch.sin(angle).to(device)
+    return _table(angle, device)
 
 
 @functools.lru_cache(maxsize=16)
