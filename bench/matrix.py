@@ -19,22 +19,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from decode import parse_resolution  # noqa: E402  (one parser for both scripts)
+
 DEFAULT_OUT = HERE / "results" / "results.jsonl"
 # The settings that identify a case; a line in the output file with the same values is "already done".
 KEY_FIELDS = ("size", "height", "width", "dtype", "device", "threads", "steps", "batch", "chunk_arg")
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """``"1024"`` -> (1024, 1024); ``"768x1024"`` -> (768, 1024) (height x width)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"resolution must look like 1024 or 768x1024, got {text!r}")
-    return parts[0], parts[1]
 
 
 def is_done(case: dict, records: list[dict]) -> bool:
