@@ -289,6 +289,7 @@ def test_tile_option_is_the_tiled_decode(assets, tmp_path, capsys):
         (["--max-memory", "lots"], "--max-memory: cannot read memory budget 'lots'"),
         (["--tile", "40"], "--tile/--tile-overlap: .*multiple"),
         (["--offload", "--compile"], "--offload and --compile do not combine"),
+        (["--noise-device", "mps"], "--noise-device: noise device must be 'auto', 'cpu' or a CUDA device"),
     ],
 )
 def test_bad_speed_and_memory_options_are_usage_errors(assets, tmp_path, capsys, extra, message):

@@ -297,6 +297,14 @@ def _check_model_args(args: argparse.Namespace) -> None:
             plan_tiles(2 * args.tile, 2 * args.tile, args.tile, args.tile_overlap)
         except ValueError as err:
             raise UsageError(f"--tile/--tile-overlap: {err}") from None
+    import torch
+
+    from .pipeline import resolve_noise_device
+
+    try:  # checked before any weight is loaded
+        resolve_noise_device(args.noise_device, torch.device("cpu"))
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"--noise-device: {err}") from None
     if args.offload and args.compile:
         raise UsageError("--offload and --compile do not combine (the offload hooks move weights between calls)")
     from .presets import resolve_preset
