@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import atomic_write
+from .atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
