@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_write
 from .config import NetConfig
 from .keys import key_problems, listing
 from .model.net import PiDNet
@@ -315,21 +315,6 @@ def count_parameters(net: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- writing
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Run ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_safetensors(
     net: PiDNet, path: str | os.PathLike, *, preset: str | Preset | None = None, dtype: torch.dtype | str = torch.bfloat16
 ) -> Path:

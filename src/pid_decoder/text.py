@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +98,8 @@ def save_text_embedding(
     """
     from safetensors.torch import save
 
+    from .atomic import atomic_write_bytes
+
     emb = _check_embedding(embedding, f"embedding for {path}")
     if emb.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"text embedding must be float32 or bfloat16, got {emb.dtype}; convert it with .float() first")
@@ -113,7 +114,7 @@ def save_text_embedding(
     }
     data = save({EMBEDDING_KEY: emb.detach().to("cpu").contiguous()}, metadata=metadata)
     path = Path(path)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -183,18 +184,6 @@ def _check_embedding(emb: Any, what: str) -> torch.Tensor:
     if not torch.isfinite(emb).all():
         raise ValueError(f"{what}: contains NaN or infinite values")
     return emb
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
