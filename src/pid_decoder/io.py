@@ -80,7 +80,9 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
         with open(path, "rb") as f:
             f.read(1)
     except PermissionError:
-        raise PermissionError(f"{what} {path} exists but cannot be read (permission denied); check its permissions") from None
+        raise PermissionError(
+            f"{what} {path} exists but cannot be read (permission denied); check its permissions"
+        ) from None
     return path
 
 

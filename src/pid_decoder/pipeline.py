@@ -71,7 +71,9 @@ def check_device(device: str | torch.device | None) -> None:
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValueError(f"device {text!r} requested but MPS (Apple GPU) is not available on this machine; use 'cpu'")
+            raise ValueError(
+                f"device {text!r} requested but MPS (Apple GPU) is not available on this machine; use 'cpu'"
+            )
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -322,6 +324,7 @@ class PiDPipeline:
         self.backbone = backbone
         self._text_encoder = text_encoder
         self.negative_embedding = negative_embedding
+        self.text_encoder_offline: bool | None = None  # True: Gemma only from local files (None: HF_HUB_OFFLINE)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -399,7 +402,10 @@ class PiDPipeline:
         if backbone is None and name is not None and backbone_path is None:  # preset known only from the file
             backbone_path = weights.resolve([weights.backbone_spec(name)], weights_dir, allow_download=allow_download)[0]
         bb = _make_backbone(name, backbone if backbone is not None else backbone_path, dev, dt)
-        return cls(net, preset, bb, text_encoder, backbone_name=name, noise_device=noise_device, **options)
+        pipe = cls(net, preset, bb, text_encoder, backbone_name=name, noise_device=noise_device, **options)
+        if allow_download is False:
+            pipe.text_encoder_offline = True
+        return pipe
 
     # ------------------------------------------------------------------ properties
     @property
@@ -427,7 +433,7 @@ class PiDPipeline:
 
         if not isinstance(self._text_encoder, TextEncoder):
             model = self._text_encoder if self._text_encoder is not None else DEFAULT_TEXT_ENCODER
-            self._text_encoder = TextEncoder(model, device=self.device)
+            self._text_encoder = TextEncoder(model, device=self.device, local_files_only=self.text_encoder_offline)
         return self._text_encoder
 
     def _require_backbone(self, what: str):
