@@ -128,11 +128,23 @@ def load_text_embedding(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str
     """
     from safetensors import safe_open
 
+    from .checkpoints import check_weight_path, file_kind
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"text embedding must be the path of a .safetensors file, got {type(path).__name__}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"text embedding file {str(path)!r} does not exist; "
             'create one with `pid-decoder embed "your prompt" -o emb.safetensors`'
+        )
+    head = check_weight_path(path, "text embedding file", flag="--text-embedding", param="text_embedding")
+    kind = file_kind(head, path.stat().st_size)
+    if kind != "safetensors":
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors file (it looks like {kind}); expected the text embedding "
+            "file "
+            'written by `pid-decoder embed "your prompt" -o emb.safetensors` (API: save_text_embedding)'
         )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -140,14 +152,14 @@ def load_text_embedding(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str
             keys = list(f.keys())
             if EMBEDDING_KEY not in keys:
                 raise ValueError(
-                    f"{str(path)!r} has no tensor {EMBEDDING_KEY!r} (found {keys}); it is not a text embedding "
+                    f"{str(path)!r} has no tensor {EMBEDDING_KEY!r} (found {keys[:8]}); it is not a text embedding "
                     'file. Create one with `pid-decoder embed "your prompt" -o emb.safetensors`'
                 )
             emb = f.get_tensor(EMBEDDING_KEY)
     except ValueError:
         raise
     except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
     fmt = metadata.get("format")
     if fmt is not None and fmt != EMBEDDING_FORMAT:
         raise ValueError(f"{str(path)!r} has format {fmt!r}, expected {EMBEDDING_FORMAT!r}")
@@ -372,14 +384,16 @@ class TextEncoder:
     def _missing(self, reason: str) -> MissingTextEncoderError:
         repo = self.model if self._is_hub_id() else DEFAULT_TEXT_ENCODER
         return MissingTextEncoderError(
-            f"The text encoder {self.model!r} is needed to embed a prompt that is not in the embedding cache, "
-            f"but {reason}. Either:\n"
-            f"  - download it: `hf download {repo} --local-dir ./gemma-2-2b-it` (or "
-            f"`huggingface-cli download {repo} --local-dir ./gemma-2-2b-it`) and pass that folder as the text "
-            "encoder model (about 5 GB);\n"
-            "  - allow downloads on first use (unset HF_HUB_OFFLINE / do not pass local_files_only=True);\n"
+            f"The text encoder {self.model!r} (Gemma-2-2b-it, about 5 GB) is needed to embed a prompt that is not in "
+            f"the embedding cache (the empty default prompt too), but {reason}. Either:\n"
+            f"  - download it: `hf download {repo} --local-dir ./gemma-2-2b-it` (older huggingface_hub: "
+            f"`huggingface-cli download {repo} --local-dir ./gemma-2-2b-it`) and pass that folder: "
+            "--text-encoder ./gemma-2-2b-it on the command line, text_encoder= (PiDPipeline) or "
+            "TextEncoder(model=...) in the API;\n"
+            "  - allow downloads on first use: unset HF_HUB_OFFLINE (API: TextEncoder(local_files_only=False));\n"
             '  - or embed the prompt where Gemma is available with `pid-decoder embed "your prompt" -o '
-            "emb.safetensors` and give that file instead of the prompt."
+            "emb.safetensors` and pass that file: --text-embedding emb.safetensors on the command line, "
+            "text_embedding= in the API."
         )
 
     def _load(self) -> None:
@@ -445,6 +459,20 @@ class TextEncoder:
             torch.cuda.empty_cache()
 
     # -- encoding ---------------------------------------------------------------------------------
+
+    def needs_model(self, prompts: str | Sequence[str]) -> bool:
+        """True when embedding ``prompts`` would load Gemma: it is not loaded and some prompt is not in the cache.
+
+        Reads only the cache's file names and metadata (no model, no network), so a caller can list Gemma among
+        the files a run needs before loading anything (`weights.check_run_files(needs_text_encoder=...)`).
+        """
+        prompts = _check_prompts(prompts)
+        if self.loaded:
+            return False
+        if self._cache is None:
+            return True
+        identity = self.identity
+        return any(self._cache.get(identity, p) is None for p in dict.fromkeys(prompts))
 
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Embed prompts (the CHI prefix is added here). Returns (B, 300, D) float32 on the CPU.
