@@ -454,6 +454,10 @@ def _text_needs_gemma(args: argparse.Namespace, preset) -> bool:
         return True
 
 
+def _needs_negative_prompt(pipe, args: argparse.Namespace) -> bool:
+    return pipe.sampler.kind == "teacher" and pipe.sampler.cfg_scale != 1.0 and not args.negative_embedding
+
+
 def _check_weights(args: argparse.Namespace, *, need_backbone: bool, need_gemma: bool | None = None):
     """Locate (and fetch when allowed) every weight file of the run before anything loads: `weights.RunFiles`.
 
@@ -523,6 +527,9 @@ def _load_pipeline(args: argparse.Namespace, device: str, *, need_backbone: bool
             "--compare/--save-baseline and upscale need the VAE of the latent space; give --preset, or --backbone "
             "NAME with --checkpoint (and --backbone-path for the VAE weights)"
         )
+    if files is not None and files.text_encoder is None and _needs_negative_prompt(pipe, args):
+        # the checkpoint turned out to be an undistilled teacher: its negative prompt needs Gemma, checked now
+        _check_weights(args, need_backbone=False, need_gemma=True)
     if args.steps is not None:
         try:
             pipe.check_steps(args.steps)
@@ -630,7 +637,9 @@ class _Batch:
 
     def fail(self, item, err: BaseException) -> None:
         self.failed += 1
-        self.message(f"failed: {item}: {_one_line(err)}")
+        text = _one_line(err)
+        text = text[len(str(item)):].lstrip(":").lstrip() if text.startswith(str(item)) else text
+        self.message(f"failed: {item}: {text}")
         if self.args.verbose:
             logger.error("item %s failed", item, exc_info=err)
 
