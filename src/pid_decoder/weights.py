@@ -42,7 +42,7 @@ HUB_REPO = "nvidia/PiD"
 ENV_VAR = "PID_WEIGHTS_DIR"
 _RELEASE_PREFIX = "checkpoints/"
 # One HEAD request decides whether the hub is reachable. A working hub answers in well under a second;
-# a refused connection fails at once; a black-holed network costs at most this long.
+# a refused connection fails at once; a black-holed network costs at most this long ($PID_HUB_TIMEOUT).
 PROBE_TIMEOUT_S = 3.0
 TEXT_ENCODER_SIZE = "about 5 GB"
 
@@ -206,12 +206,17 @@ def _hub_probe(repo: str, filename: str) -> None:
     from huggingface_hub.errors import HfHubHTTPError
 
     endpoint = hub_endpoint()
+    try:
+        limit = float(os.environ.get("PID_HUB_TIMEOUT") or PROBE_TIMEOUT_S)
+    except ValueError:
+        limit = PROBE_TIMEOUT_S
 
     def head() -> None:
-        get_hf_file_metadata(hf_hub_url(repo, filename, endpoint=endpoint), timeout=PROBE_TIMEOUT_S)
+        get_hf_file_metadata(hf_hub_url(repo, filename, endpoint=endpoint), timeout=limit)
 
     try:
-        _bounded(head, PROBE_TIMEOUT_S + 1.0)
+        # huggingface_hub may make a second request before the HEAD (its agent registry): bound the whole call
+        _bounded(head, limit)
     except HubUnreachable:
         raise
     except HfHubHTTPError as err:
@@ -229,6 +234,7 @@ def _hub_download(repo: str, filename: str, *, local_dir: Path | None, local_fil
 
     if not local_files_only:
         _hub_probe(repo, filename)
+        logger.info("downloading %s from %s into %s", filename, repo, local_dir or "the Hugging Face cache")
     return hf_hub_download(
         repo, filename, local_dir=local_dir, local_files_only=local_files_only, endpoint=hub_endpoint()
     )
@@ -296,7 +302,6 @@ class _Search:
         reason = ""
         if not self.offline:
             try:
-                logger.info("downloading %s from %s into %s", f.filename, f.repo, _download_dir(self.root, f) or "the HF cache")
                 return Path(_hub_download(f.repo, f.filename, local_dir=_download_dir(self.root, f), local_files_only=False))
             except HubUnreachable as err:
                 self.unreachable = str(err)
@@ -377,13 +382,14 @@ def check_run_files(
     ``checkpoint`` or ``backbone_path`` that is not usable. Offline (HF_HUB_OFFLINE=1 or an unreachable hub)
     it answers without waiting: one probe at most, no retries.
     """
-    from .checkpoints import check_weight_path
-
     p = resolve_preset(preset) if preset is not None else None
-    if checkpoint is not None:
-        check_weight_path(checkpoint, "checkpoint", flag="--checkpoint", param="checkpoint")
-    if backbone_path is not None:
-        check_weight_path(backbone_path, "backbone weights", flag="--backbone-path", param="backbone", folder_ok=True)
+    if checkpoint is not None or backbone_path is not None:
+        from .checkpoints import check_weight_path  # imports torch: only for the user's own files
+
+        if checkpoint is not None:
+            check_weight_path(checkpoint, "checkpoint", flag="--checkpoint", param="checkpoint")
+        if backbone_path is not None:
+            check_weight_path(backbone_path, "backbone weights", flag="--backbone-path", param="backbone", folder_ok=True)
     name = backbone or (p.backbone if p is not None else None)
     specs: list[WeightSpec] = []
     if checkpoint is None:
