@@ -288,6 +288,7 @@ class _Search:
 
     root: Path | None
     allow: bool
+    off_by: str = "HF_HUB_OFFLINE=1"  # what turned downloads off, for the message
     unreachable: str = ""  # why the hub is not asked any more ("" while it may be)
     missing: list[_Missing] = field(default_factory=list)
 
@@ -312,6 +313,12 @@ class _Search:
         return None
 
 
+def _search(weights_dir: str | os.PathLike | None, allow_download: bool | None) -> _Search:
+    if allow_download is None:
+        return _Search(default_weights_dir(weights_dir), not offline())
+    return _Search(default_weights_dir(weights_dir), bool(allow_download), off_by="allow_download=False")
+
+
 def _resolve_specs(search: _Search, specs: list[WeightSpec]) -> list[Path | None]:
     out: list[Path | None] = []
     for spec in specs:
@@ -334,7 +341,7 @@ def resolve(
     ``allow_download`` defaults to "not HF_HUB_OFFLINE". Raises `MissingWeightsError` naming every missing
     file (not just the first) before anything has been loaded.
     """
-    search = _Search(default_weights_dir(weights_dir), (not offline()) if allow_download is None else allow_download)
+    search = _search(weights_dir, allow_download)
     paths = _resolve_specs(search, specs)
     if search.missing:
         raise MissingWeightsError(missing_message(search))
@@ -399,7 +406,7 @@ def check_run_files(
     if need_backbone and backbone_path is None and name is not None:
         specs.append(backbone_spec(name))
 
-    search = _Search(default_weights_dir(weights_dir), (not offline()) if allow_download is None else allow_download)
+    search = _search(weights_dir, allow_download)
     paths = _resolve_specs(search, specs)
     model = None
     if needs_text_encoder:
@@ -472,7 +479,7 @@ def missing_message(search: _Search, *, preset: Preset | None = None) -> str:
     root = search.root
     run = f"preset {preset.alias!r}" if preset is not None else "this run"
     if not search.allow:
-        why = "downloads are off (HF_HUB_OFFLINE=1 or allow_download=False)"
+        why = f"downloads are off ({search.off_by})"
     elif search.unreachable:
         why = f"the hub could not be reached ({search.unreachable}), so nothing was downloaded"
     else:
@@ -514,6 +521,7 @@ def missing_message(search: _Search, *, preset: Preset | None = None) -> str:
     if search.unreachable:
         lines.append("with no network, set HF_HUB_OFFLINE=1 to skip the hub check.")
     elif not search.allow:
-        lines.append("unset HF_HUB_OFFLINE (or pass allow_download=True) to download missing files automatically.")
+        undo = "unset HF_HUB_OFFLINE" if search.off_by.startswith("HF_") else "pass allow_download=True"
+        lines.append(f"{undo} to download missing files automatically.")
     lines.append("The released PiD weights are under the NVIDIA license of their hub repo (non-commercial use).")
     return "\n".join(lines)
