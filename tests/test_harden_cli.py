@@ -291,7 +291,8 @@ def test_checkpoint_without_config_is_said_in_flags(assets, tmp_path, capsys, mo
     code, out, err = run(capsys, "decode", latent_file(tmp_path), "--checkpoint", assets["checkpoint"],
                          "--backbone", "flux", "--text-embedding", assets["embedding"], "--device", "cpu", "-q",
                          "-o", tmp_path / "o")
-    assert_refused(code, out, err, 1, r"does not match any released PiD preset", r"--config FILE", out_dir=tmp_path / "o")
+    assert_refused(code, out, err, 1, r"does not match any released PiD preset", r"--config FILE",
+                   out_dir=tmp_path / "o")
 
 
 def test_output_too_large_for_memory_is_refused_with_the_options(assets, tmp_path, capsys, monkeypatch):
