@@ -140,7 +140,7 @@ def clean_stale_temps(
 
     A temp file is stale when its writer ran on this host and that PID no longer exists, or when it is older
     than ``older_than`` seconds (writers on other hosts of a shared folder). Files of live writers stay.
-    Claims of dead processes (``.NAME.claim``) are removed too.
+    Stale claims (``.NAME.claim`` of a dead process of this host, or older than ``STALE_CLAIM_SECONDS``) go too.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -162,7 +162,7 @@ def clean_stale_temps(
             else:
                 stale = age > older_than
         elif p.name.endswith(CLAIM_SUFFIX):
-            stale = _claim_stale(p, older_than=older_than)
+            stale = _claim_stale(p)
         else:
             continue
         if not stale:
