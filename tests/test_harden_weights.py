@@ -277,6 +277,23 @@ def test_reference_layout_runs_offline(reference_folder, preset):
         torch.testing.assert_close(pipe.backbone.decode(z), expected.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["sdxl-4k", "qwenimage-4k"])
+def test_reference_layout_runs_offline_from_the_cli(reference_folder, tmp_path, preset, capsys):
+    from pid_decoder.cli import main
+    from pid_decoder.text import save_text_embedding
+
+    random_image(16, 16).save(tmp_path / "photo.png")
+    emb = save_text_embedding(tmp_path / "emb.safetensors", torch.randn(TEXT_T, TEXT_D), prompt="", encoder="test")
+    out = tmp_path / "out.png"
+    code = main(["upscale", str(tmp_path / "photo.png"), "--preset", preset, "--weights-dir",
+                 str(reference_folder["root"]), "--text-embedding", str(emb), "--steps", "1", "--device", "cpu",
+                 "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+
+
 def test_qwen_2d_names_follow_the_spec():
     from pid_decoder.backbones.qwenimage import name_2d
 
@@ -578,3 +595,13 @@ def test_text_embedding_of_the_wrong_type():
 def test_checkpoint_bytes_in_memory_are_refused_with_a_type_error():
     with pytest.raises(TypeError, match="checkpoint must be a path"):
         ck.check_weight_path(io.BytesIO(b"x"))
+
+
+def test_backbone_and_text_encoder_devices_are_checked_first(monkeypatch, tmp_path):
+    from pid_decoder.backbones import load_backbone
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available.*Available devices: cpu"):
+        load_backbone("flux", tmp_path / "ae.safetensors", device="cuda")
+    with pytest.raises(ValueError, match=r"device 'cuda:1' is not available.*Available devices: cpu"):
+        TextEncoder(tmp_path / "gemma", device="cuda:1")

@@ -284,8 +284,12 @@ class TextEncoder:
             raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
         if cache_dir is True:
             raise ValueError("cache_dir must be a folder, None (default folder) or False (no cache), got True")
+        from .checkpoints import check_device
+
+        if not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"model must be a folder or a hub id (str), got {type(model).__name__}")
         self.model = os.fspath(model)
-        self.device = torch.device(device)
+        self.device = check_device(device)  # before any loading: "cuda" without CUDA names the devices there are
         self.dtype = dtype
         self.revision = revision
         self.local_files_only = local_files_only
