@@ -140,3 +140,28 @@ def test_code_in_a_file_never_runs(folder, protocol, container, suffix):
         with pytest.raises(DOCUMENTED):
             call(path)
     assert not marker.exists()
+
+
+KEYS = ["s_embedder.proj.weight", "lq_proj.latent_proj.0.weight", "pit_lq_gate.log_alpha", "patch_blocks.0.x",
+        "net.s_embedder.proj.weight", "net_ema.a", "lq_proj.lq_aux_rgb_head.w", "x"]
+SHAPES = st.lists(st.integers(0, 3), max_size=3).map(tuple)
+
+
+@FUZZ
+@given(state=st.dictionaries(st.sampled_from(KEYS), SHAPES, max_size=6), safetensors=st.booleans())
+def test_describe_and_load_any_tensor_dict(folder, state, safetensors):
+    from safetensors.torch import save_file
+
+    from pid_decoder.checkpoints import describe, load_network
+
+    from .test_pipeline_support import tiny_net_config
+
+    tensors = {k: torch.zeros(shape) for k, shape in state.items()}
+    path = folder / ("dict.safetensors" if safetensors else "dict.pth")
+    if safetensors:
+        save_file(tensors, path)
+    else:
+        torch.save(tensors, path)
+    check(describe, path)
+    check(load_network, path)
+    check(lambda p: load_network(p, tiny_net_config()), path)

@@ -380,10 +380,11 @@ def detect_variant(checkpoint: CheckpointFile | str | os.PathLike) -> dict[str, 
     shape = lambda name: checkpoint.shapes.get(mapping.get(name, ""), None)
     info: dict[str, Any] = {"path": str(checkpoint.path), "keys": len(mapping), "dropped_keys": len(dropped)}
     conv = shape("lq_proj.latent_proj.0.weight")
-    if shape("s_embedder.proj.weight") is None:
-        info["family"] = "unknown (no s_embedder.proj.weight: not a PiD / PixelDiT checkpoint)"
+    embed = shape("s_embedder.proj.weight")
+    if embed is None or len(embed) < 2 or (conv is not None and len(conv) < 2):
+        info["family"] = "unknown (no 2-D s_embedder.proj.weight: not a PiD / PixelDiT checkpoint)"
         return info
-    info["hidden_size"] = shape("s_embedder.proj.weight")[0]
+    info["hidden_size"] = embed[0]
     info["patch_depth"] = len({k.split(".")[1] for k in mapping if k.startswith("patch_blocks.")})
     if conv is None:
         info["family"] = "pixeldit"
