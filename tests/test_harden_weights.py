@@ -24,7 +24,7 @@ import torch
 from pid_decoder import checkpoints as ck
 from pid_decoder import weights
 from pid_decoder.checkpoints import describe, load_network, open_checkpoint
-from pid_decoder.config import NetConfig, load_net_config
+from pid_decoder.config import load_net_config
 from pid_decoder.text import MissingTextEncoderError, TextEncoder, load_text_embedding
 
 from .test_pipeline_support import TEXT_D, TEXT_T, random_image, save_tiny_checkpoint, tiny_net_config
@@ -208,9 +208,9 @@ def test_missing_text_encoder_message_speaks_cli_and_api(tmp_path):
 
 
 # --------------------------------------------------------------------------- the reference's layout
-QWEN_TINY = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
-                 temperal_downsample=[False, True, True])
-SDXL_TINY = dict(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
+QWEN_TINY = {"base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_scales": [],
+             "temperal_downsample": [False, True, True]}
+SDXL_TINY = {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4}
 SDXL_NAME = "PiD_res2kto4k_sr4x_official_sdxl_distill_4step"
 QWEN_NAME = "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step"
 
@@ -605,3 +605,26 @@ def test_backbone_and_text_encoder_devices_are_checked_first(monkeypatch, tmp_pa
         load_backbone("flux", tmp_path / "ae.safetensors", device="cuda")
     with pytest.raises(ValueError, match=r"device 'cuda:1' is not available.*Available devices: cpu"):
         TextEncoder(tmp_path / "gemma", device="cuda:1")
+
+
+def test_text_encoder_without_network_fails_at_once(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+    import transformers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    probes = []
+
+    def unreachable(repo, filename):
+        probes.append(repo)
+        raise weights.HubUnreachable("http://127.0.0.1:9: ConnectError: refused")
+
+    def never(*args, **kwargs):
+        raise AssertionError("transformers was asked to load (and would retry the hub for minutes)")
+
+    monkeypatch.setattr(weights, "_hub_probe", unreachable)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
+    start = time.monotonic()
+    with pytest.raises(MissingTextEncoderError, match=r"could not be reached .*refused.*not in the local Hugging Face cache"):
+        TextEncoder("org/gemma-like", cache_dir=False).encode("a cat")
+    assert probes == ["org/gemma-like"] and time.monotonic() - start < 5.0

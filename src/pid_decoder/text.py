@@ -411,6 +411,8 @@ class TextEncoder:
             raise self._missing(f"the folder {str(folder)!r} does not exist")
         offline = self._offline()
         source = str(folder) if folder.is_dir() else self.model
+        if not offline and not folder.is_dir():
+            offline = self._hub_unreachable()
         logger.info(
             "loading text encoder %s (%s) on %s%s", source, str(self.dtype), self.device, " offline" if offline else ""
         )
@@ -438,6 +440,30 @@ class TextEncoder:
             raise self._missing(f"{where} ({exc})") from exc
         self._tokenizer = tokenizer
         self._identity = None  # the commit is known now that the files are in the HF cache
+
+    def _hub_unreachable(self) -> bool:
+        """One short probe of the hub before transformers asks it for every file (and retries each, for
+        minutes, without a network). Unreachable: load from the HF cache, or fail at once if it is not there."""
+        from huggingface_hub import try_to_load_from_cache
+
+        from .weights import HubUnreachable, _hub_probe
+
+        try:
+            _hub_probe(self.model, "config.json")
+        except HubUnreachable as err:
+            try:
+                cached = try_to_load_from_cache(self.model, "config.json", revision=self.revision)
+            except (ValueError, OSError):
+                cached = None
+            if not isinstance(cached, str):
+                raise self._missing(
+                    f"the hub could not be reached ({err}) and it is not in the local Hugging Face cache"
+                ) from None
+            logger.info("the hub could not be reached (%s): loading %s from the local cache", err, self.model)
+            return True
+        except Exception as err:  # an answer about the repo (404, gated): transformers reports it in full below
+            logger.debug("hub probe for %s: %s", self.model, err)
+        return False
 
     def _prepare(self) -> None:
         if self._prepared:
