@@ -162,7 +162,7 @@ def clean_stale_temps(
             else:
                 stale = age > older_than
         elif p.name.endswith(CLAIM_SUFFIX):
-            stale = _claim_stale(p)
+            stale = _read_claim(p) is not None and _claim_stale(p)  # only files that are claims of ours
         else:
             continue
         if not stale:

@@ -643,13 +643,16 @@ class _Batch:
         if self.args.verbose:
             logger.error("item %s failed", item, exc_info=err)
 
-    def clean(self, folder: Path) -> None:
-        """Remove what a killed run left in the output folder: temporary files and claims of dead processes."""
+    def clean(self, targets) -> None:
+        """Remove what a killed run left next to these outputs: temporary files and claims of dead processes."""
         from .atomic import clean_stale_temps
 
-        removed = clean_stale_temps(folder)
+        removed = []
+        for folder in sorted({Path(t).parent for t in targets}):
+            removed += clean_stale_temps(folder, recursive=False)
         if removed:
-            logger.info("removed %d leftover temporary file(s) of an interrupted run under %s", len(removed), folder)
+            logger.info("removed %d leftover file(s) of an interrupted run: %s", len(removed),
+                        ", ".join(str(p) for p in removed[:5]))
 
     @contextlib.contextmanager
     def claim(self, target: Path):
@@ -773,12 +776,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     folder, fmt, single = _output_plan(args, items, single_file_ok=True)
     ctx, device = _start(args)
     batch = _Batch("upscale", args, ctx)
-    batch.clean(folder)
+    mine = ctx.shard(len(items))
+    targets = {idx: single or folder / items[idx].rel.with_name(f"{items[idx].rel.name}.{fmt}") for idx in mine}
+    batch.clean(targets.values())
     sizing = args.scale is not None or size is not None or args.long_edge is not None
     todo = []
-    for idx in ctx.shard(len(items)):  # every input is opened and checked before any weight is touched
-        item = items[idx]
-        target = single or folder / item.rel.with_name(f"{item.rel.name}.{fmt}")
+    for idx in mine:  # every input is opened and checked before any weight is touched
+        item, target = items[idx], targets[idx]
         if _done(target, args):
             batch.skipped += 1
             continue
@@ -883,11 +887,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
     config = _run_net_config(args)
     ctx, device = _start(args)
     batch = _Batch("decode", args, ctx)
-    batch.clean(folder)
+    mine = ctx.shard(len(items))
+    bases = {idx: single or folder / items[idx].rel.with_name(f"{items[idx].rel.name}.{fmt}") for idx in mine}
+    batch.clean(bases.values())
     todo = []
-    for idx in ctx.shard(len(items)):  # every latent file is read and checked before any weight is touched
-        item = items[idx]
-        base = single or folder / item.rel.with_name(f"{item.rel.name}.{fmt}")
+    for idx in mine:  # every latent file is read and checked before any weight is touched
+        item, base = items[idx], bases[idx]
         try:
             latents = load_latent(item.path)
             _check_latent_file(latents, item.path, args, config)
@@ -1017,10 +1022,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     labels = [f"step_{k}" for k in sorted(set(capture))] + ["x0"]
     ctx, device = _start(args)
     batch = _Batch("generate", args, ctx)
-    batch.clean(folder)
+    mine = ctx.shard(len(prompts))
+    subs = {idx: folder / f"{idx:04d}_{_slug(prompts[idx])}" for idx in mine}
+    batch.clean(sub / "x0" for sub in subs.values())
     todo = []
-    for idx in ctx.shard(len(prompts)):
-        sub = folder / f"{idx:04d}_{_slug(prompts[idx])}"
+    for idx in mine:
+        sub = subs[idx]
         targets = [sub / f"{label}.{fmt}" for label in labels]
         if all(_done(t, args) for t in targets):
             batch.skipped += 1
