@@ -628,3 +628,20 @@ def test_text_encoder_without_network_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(MissingTextEncoderError, match=r"could not be reached .*refused.*not in the local Hugging Face cache"):
         TextEncoder("org/gemma-like", cache_dir=False).encode("a cat")
     assert probes == ["org/gemma-like"] and time.monotonic() - start < 5.0
+
+
+def test_vae_from_the_hub_without_network_uses_the_cache_only(monkeypatch):
+    from pid_decoder.backbones import load_backbone
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(weights, "_hub_probe", lambda repo, f: (_ for _ in ()).throw(weights.HubUnreachable("refused")))
+    seen = {}
+
+    def from_pretrained(repo, **kwargs):
+        seen.update(kwargs, repo=repo)
+        raise OSError(f"{repo} is not in the cache")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", from_pretrained)
+    with pytest.raises(FileNotFoundError, match=r"could not load the sdxl VAE from stabilityai/stable-diffusion-xl-base-1.0/vae.*Pass path="):
+        load_backbone("sdxl")
+    assert seen["local_files_only"] is True  # no download attempts (and no retries) once the hub proved unreachable

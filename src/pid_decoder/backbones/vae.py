@@ -23,11 +23,11 @@ from .base import BACKBONE_INFO, Backbone, BackboneInfo
 from .weights import (
     diffusers_folder,
     find_file,
+    hub_offline,
     is_ldm_layout,
     is_wan_2d_layout,
     load_checked,
     missing_file,
-    offline,
     read_config,
     read_state_dict,
 )
@@ -79,7 +79,8 @@ def load_vae(
     if path is None:
         logger.info("loading the %s VAE from the hub repo %s (subfolder vae)", info.name, info.hub_repo)
         try:
-            return cls.from_pretrained(info.hub_repo, subfolder="vae", local_files_only=offline())
+            local = hub_offline(info.hub_repo, "vae/config.json")
+            return cls.from_pretrained(info.hub_repo, subfolder="vae", local_files_only=local)
         except OSError as err:
             raise FileNotFoundError(
                 f"could not load the {info.name} VAE from {info.hub_repo}/vae ({err}). Pass path= with "

@@ -58,6 +58,23 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hub_offline(repo: str, filename: str) -> bool:
+    """True when downloads are off, or when one short probe finds the hub unreachable: the caller then loads
+    from the Hugging Face cache only, instead of letting diffusers/transformers retry every file for minutes."""
+    if offline():
+        return True
+    from ..weights import HubUnreachable, _hub_probe
+
+    try:
+        _hub_probe(repo, filename)
+    except HubUnreachable as err:
+        logger.info("the hub could not be reached (%s): loading %s from the local cache only", err, repo)
+        return True
+    except Exception as err:  # an answer about the repo (404, gated): from_pretrained reports it in full
+        logger.debug("hub probe for %s: %s", repo, err)
+    return False
+
+
 def missing_file(what: str, path: str | os.PathLike, backbone: str, needs: str) -> FileNotFoundError:
     return FileNotFoundError(f"{what} for backbone {backbone!r} not found at {str(path)!r}. It needs {needs}.")
 
@@ -170,7 +187,8 @@ def load_pretrained_encoder(model_class: Any, folder: Path | None, repo: str, la
     """A transformers encoder from a local snapshot folder, or from the hub repo when ``folder`` is None."""
     source = str(folder) if folder is not None else repo
     try:
-        return model_class.from_pretrained(source, local_files_only=folder is not None or offline())
+        local = folder is not None or hub_offline(repo, "config.json")
+        return model_class.from_pretrained(source, local_files_only=local)
     except OSError as err:
         raise FileNotFoundError(
             f"{label} encoder not found ({source}): {err}. Put the snapshot of {repo} in an encoder/ folder {where}."
