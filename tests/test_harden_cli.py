@@ -315,7 +315,7 @@ def test_out_of_memory_twice_suggests_max_memory_and_tile(assets, tmp_path, caps
     monkeypatch.setattr(sampling, "sample", oom)
     code, out, err = run(capsys, "decode", latent_file(tmp_path), "-o", tmp_path / "o", *model_args(assets))
     assert_refused(code, out, err, 1, r"out of memory decoding 64x64 on cpu, also with half the pixel chunk",
-                   r"--max-memory", r"--tile 1024", out_dir=tmp_path / "o")
+                   r"--max-memory", r"--tile N for the approximate tiled decode", out_dir=tmp_path / "o")
     assert "max_memory=" not in err
 
 

@@ -417,10 +417,9 @@ _CLI_WORDS = (  # API parameter words in library messages -> the CLI's flags
      "for the VAE weights)"),
     ("return_baseline=True", "--compare/--save-baseline"),
     ("pass a smaller max_memory= budget, tile= for the approximate tiled decode, or decode a smaller output",
-     "pass a smaller --max-memory budget (e.g. --max-memory 4GB), --tile 1024 for the approximate tiled decode, "
-     "or ask for a smaller output"),
+     "pass a smaller --max-memory budget (e.g. --max-memory 4GB), --tile N for the approximate tiled decode (N "
+     "below the output size, e.g. --tile 2048 for 8K), or ask for a smaller output"),
     ("(upscale: scale=, size=, long_edge=; decode: a smaller latent)", "(upscale: --scale, --size, --long-edge)"),
-    ("scale=", "--scale"), ("long_edge=", "--long-edge"), ("size=", "--size"),
     ("local_files_only=True", "offline (HF_HUB_OFFLINE=1 or no network)"),
 )
 
