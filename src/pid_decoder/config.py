@@ -266,6 +266,7 @@ class SamplerConfig:
     base_size: int = 2048
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.kind not in ("student", "teacher"):
             raise ValueError(f"sampler kind must be 'student' or 'teacher', got {self.kind!r}")
         if self.mode not in ("sde", "ode"):
