@@ -645,3 +645,14 @@ def test_vae_from_the_hub_without_network_uses_the_cache_only(monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"could not load the sdxl VAE from stabilityai/stable-diffusion-xl-base-1.0/vae.*Pass path="):
         load_backbone("sdxl")
     assert seen["local_files_only"] is True  # no download attempts (and no retries) once the hub proved unreachable
+
+
+def test_config_field_types_are_named():
+    from pid_decoder.config import SamplerConfig
+
+    with pytest.raises(ValueError, match=r"LQConfig.latent_channels must be an int, got float 16.0"):
+        load_net_config({"lq": {"latent_channels": 16.0}})
+    with pytest.raises(TypeError, match=r"SamplerConfig.steps must be an int, got float 2.5"):
+        SamplerConfig(steps=2.5)
+    with pytest.raises(ValueError, match=r"NetConfig.use_text_rope must be a bool, got int 1"):
+        load_net_config({"use_text_rope": 1})
