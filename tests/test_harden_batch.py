@@ -234,3 +234,17 @@ def test_out_of_memory_item_is_retried_with_half_the_chunk(assets, tmp_path, cap
     assert code == 0 and stdout.split() == [str(tmp_path / "o.png")]
     assert "out of memory decoding 64x64 on cpu" in err and "retrying once with half the chunk (8)" in err
     assert calls == [None, 8]
+
+
+def test_disk_full_when_claiming_stops_before_any_compute(assets, tmp_path, capsys, monkeypatch):
+    from pid_decoder.pipeline import PiDPipeline
+
+    def full(path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(atomic, "try_claim", full)
+    monkeypatch.setattr(PiDPipeline, "from_pretrained", classmethod(lambda *a, **kw: pytest.fail("loaded")))
+    src, out = latents(tmp_path / "in", 2), tmp_path / "out"
+    code, stdout, err = run(capsys, "decode", src, "-o", out, *latent_args(assets))
+    assert code == 1 and stdout == ""
+    assert f"no space left writing {out / 'lat0.png'}" in err and "stopped: disk full" in err

@@ -653,15 +653,25 @@ class _Batch:
             logger.info("removed %d leftover file(s) of an interrupted run: %s", len(removed),
                         ", ".join(str(p) for p in removed[:5]))
 
-    @contextlib.contextmanager
-    def claim(self, target: Path):
-        """Yield True when this run may produce ``target`` (claimed atomically; released afterwards)."""
-        from .atomic import claim
+    def claim(self, target: Path) -> Path | None:
+        """Claim ``target`` atomically: the claim file, or None when another live run holds it."""
+        from .atomic import try_claim
 
-        with claim(target) as mine:
-            if not mine:
-                self.elsewhere += 1
-            yield mine
+        try:
+            claim = try_claim(target)
+        except OSError as err:
+            if err.errno in _FULL_ERRNOS:
+                raise OutOfSpace(target, err) from err
+            raise
+        if claim is None:
+            self.elsewhere += 1
+        return claim
+
+    @staticmethod
+    def release(claim: Path | None) -> None:
+        from .atomic import release_claim
+
+        release_claim(claim)
 
     @contextlib.contextmanager
     def item(self, label):
@@ -722,9 +732,14 @@ def _run_items(batch: _Batch, args, todo, work, *, need_backbone: bool, device: 
         if is_done():
             batch.skipped += 1
             continue
-        with batch.claim(target) as mine:
-            if not mine:
-                continue
+        try:
+            claim = batch.claim(target)
+        except OutOfSpace as err:
+            batch.stopped = err
+            break
+        if claim is None:  # another live run is producing it
+            continue
+        try:
             if is_done():  # finished by another run between the check and the claim
                 batch.skipped += 1
                 continue
@@ -733,6 +748,8 @@ def _run_items(batch: _Batch, args, todo, work, *, need_backbone: bool, device: 
                 text = setup(pipe, args)
             with batch.item(label):
                 work(pipe, text, *payload)
+        finally:
+            batch.release(claim)
     return batch.finish()
 
 
