@@ -1108,8 +1108,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("huggingface_hub").handlers.clear()
     import warnings
 
-    if not verbose:  # third-party warnings (e.g. torch's pickle-protocol notice) are not the user's concern
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+    if not verbose:
+        # Library UserWarnings (torch's pickle-protocol notice, ...) are attributed to our modules through their
+        # stacklevel and say nothing the user can act on; our own messages go through logging. -v shows them.
+        warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
