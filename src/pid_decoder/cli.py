@@ -573,7 +573,9 @@ def _output_plan(args: argparse.Namespace, items, *, single_file_ok: bool) -> tu
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"-o {out or folder}: cannot write under {existing} (permission denied); choose another folder")
+        raise UsageError(
+            f"-o {out or folder}: cannot write under {existing} (permission denied); choose another folder"
+        )
     return folder, fmt, single
 
 
@@ -889,7 +891,9 @@ def _check_latent_file(latents, path: Path, args: argparse.Namespace, config) ->
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     if args.seed + latents.shape[0] - 1 > SEED_MAX:
-        raise ValueError(f"{path}: its {latents.shape[0]} latents use --seed + i, beyond 2**64 - 1; use a smaller --seed")
+        raise ValueError(
+            f"{path}: its {latents.shape[0]} latents use --seed + i, beyond 2**64 - 1; use a smaller --seed"
+        )
 
 
 @command("decode", "latent file(s) -> PiD images (32x the latent grid for 8x VAEs at 4x)")
