@@ -807,11 +807,10 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         try:
             image = read_image(item.path)
             check_image(image, item.path, min_side=1 if sizing else 16)
-            if preset_scale is not None:
-                _, out, _ = plan_upscale_size(image.size, preset_scale=preset_scale, scale=args.scale, size=size,
-                                              long_edge=args.long_edge)
-                if min(out) < 1:
-                    raise ValueError(f"{item.path}: image of {image.size[0]}x{image.size[1]} is too small")
+            if preset_scale is not None:  # the same sizing rules the pipeline applies
+                plan_upscale_size(image.size, preset_scale=preset_scale, scale=args.scale, size=size,
+                                  long_edge=args.long_edge)
+            del image
         except Exception as err:
             batch.fail(item.path, err)
             continue
