@@ -160,8 +160,8 @@ def check_weight_path(
     path: str | os.PathLike,
     what: str = "checkpoint",
     *,
-    flag: str = "--checkpoint",
-    param: str = "checkpoint",
+    flag: str | None = None,
+    param: str | None = None,
     folder_ok: bool = False,
 ) -> bytes:
     """Refuse a path that cannot be a weight file, naming the cause; returns the file's first bytes.
@@ -172,16 +172,16 @@ def check_weight_path(
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
-    where = f"({flag} / {param}=)"
+    where = f"({flag} / {param}=) " if flag and param else ""
     if not path.exists():
         if what == "checkpoint":
             raise FileNotFoundError(_missing_file_message(path))
-        raise FileNotFoundError(f"{what} {str(path)!r} {where} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} {where}does not exist")
     if path.is_dir():
         if folder_ok:
             return b""
         raise ValueError(
-            f"{what} {str(path)!r} {where} is a directory; pass the .pth/.safetensors file inside it "
+            f"{what} {str(path)!r} {where}is a directory; pass the .pth/.safetensors file inside it "
             f"(found: {_found_inside(path)})"
         )
     try:
@@ -189,14 +189,14 @@ def check_weight_path(
             head = f.read(_HEAD_BYTES)
     except PermissionError:
         raise PermissionError(
-            f"cannot read {what} {str(path)!r} {where}: permission denied; check its permissions (ls -l) "
-            "or copy it somewhere readable"
+            f"cannot read {what} {str(path)!r}{' ' + where.strip() if where else ''}: permission denied; check its "
+            "permissions (ls -l) or copy it somewhere readable"
         ) from None
     except OSError as err:
-        raise ValueError(f"cannot read {what} {str(path)!r} {where}: {err.strerror or err}") from None
+        raise ValueError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None
     if not head:
         raise ValueError(
-            f"{what} {str(path)!r} {where} is empty (0 bytes); the download or copy did not finish: fetch it again"
+            f"{what} {str(path)!r} {where}is empty (0 bytes); the download or copy did not finish: fetch it again"
         )
     return head
 
