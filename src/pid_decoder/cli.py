@@ -420,6 +420,8 @@ _CLI_WORDS = (  # API parameter words in library messages -> the CLI's flags
      "pass a smaller --max-memory budget (e.g. --max-memory 4GB), --tile N for the approximate tiled decode (N "
      "below the output size, e.g. --tile 2048 for 8K), or ask for a smaller output"),
     ("(upscale: scale=, size=, long_edge=; decode: a smaller latent)", "(upscale: --scale, --size, --long-edge)"),
+    ("(max_memory= and tile= bound the network's activations, not these tensors)",
+     "(--max-memory and --tile bound the network's activations, not these tensors)"),
     ("local_files_only=True", "offline (HF_HUB_OFFLINE=1 or no network)"),
 )
 

@@ -502,7 +502,8 @@ class PiDPipeline:
             raise PiDOutOfMemoryError(
                 f"an output of {width}x{height} needs at least {_gib(needed)} on {self.device} for the image "
                 f"tensors alone, but only {_gib(available)} is available; decode a smaller output (upscale: "
-                f"scale=, size=, long_edge=; decode: a smaller latent) or use a device with more memory",
+                f"scale=, size=, long_edge=; decode: a smaller latent) or use a device with more memory "
+                f"(max_memory= and tile= bound the network's activations, not these tensors)",
                 height=height, width=width, device=self.device, needed=needed, available=available,
             )
 
