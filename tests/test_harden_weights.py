@@ -69,6 +69,51 @@ def refusing_hub(tmp_path, monkeypatch):
     return probes
 
 
+@pytest.fixture
+def local_server(refusing_hub, monkeypatch):
+    """A local HTTP server answering 404 to everything, with or without the hub's headers; HF_ENDPOINT at it."""
+    import http.server
+    import threading
+
+    state = {"hub_headers": False, "requests": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 (http.server's naming)
+            state["requests"] += 1
+            self.send_response(404)
+            if state["hub_headers"]:
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("X-Request-Id", "test")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_proxy_answering_404_is_not_the_hub(local_server, tmp_path):
+    with pytest.raises(weights.MissingWeightsError, match=r"could not be reached .*404 without Hugging Face headers"):
+        weights.check_run_files("flux-2k", weights_dir=tmp_path, need_backbone=True)
+    assert local_server["requests"] == 1
+
+
+def test_the_hub_answering_404_names_the_file_and_tries_the_next(local_server, tmp_path):
+    local_server["hub_headers"] = True
+    with pytest.raises(weights.MissingWeightsError) as info:
+        weights.check_run_files("flux-2k", weights_dir=tmp_path)
+    assert str(info.value).count("not found on the hub (404)") == 2 and local_server["requests"] == 2
+
+
 def no_network(monkeypatch):
     """Fail the test if anything asks the hub (a download or a probe)."""
 

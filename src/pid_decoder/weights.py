@@ -220,12 +220,22 @@ def _hub_probe(repo: str, filename: str) -> None:
     except HubUnreachable:
         raise
     except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
+        response = getattr(err, "response", None)
+        status = getattr(response, "status_code", None)
         if status is None or status in (408, 429) or status >= 500:
             raise HubUnreachable(f"{endpoint} answered {status or _first_line(err)}") from None
+        headers = getattr(response, "headers", None) or {}
+        if not any(h in headers for h in _HUB_HEADERS):  # a proxy, firewall or captive portal answered
+            raise HubUnreachable(
+                f"{endpoint} answered {status} without Hugging Face headers (a proxy or firewall in between?)"
+            ) from None
         raise
     except Exception as err:  # httpx transport errors: refused, DNS, TLS, proxy, timeout
         raise HubUnreachable(f"{endpoint}: {_first_line(err)}") from None
+
+
+# Headers the hub (and mirrors of it) put on its answers, errors included.
+_HUB_HEADERS = ("x-error-code", "x-repo-commit", "x-request-id", "x-linked-etag")
 
 
 def _hub_download(repo: str, filename: str, *, local_dir: Path | None, local_files_only: bool) -> str:
