@@ -78,7 +78,7 @@ def local_server(refusing_hub, monkeypatch):
     state = {"hub_headers": False, "requests": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self):  # noqa: N802 (http.server's naming)
+        def do_HEAD(self):
             state["requests"] += 1
             self.send_response(404)
             if state["hub_headers"]:
