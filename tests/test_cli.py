@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,9 +88,25 @@ def test_help_of_every_subcommand(name, capsys):
     assert code == 0 and "usage: pid-decoder " + name in out
 
 
-def test_console_script_help():
-    exe = shutil.which("pid-decoder")
-    cmd = [exe] if exe else [sys.executable, "-m", "pid_decoder.cli"]
+def _console_script() -> list[str]:
+    """The ``pid-decoder`` script of the interpreter running the tests (never another Python's on PATH)."""
+    import sysconfig
+
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        for name in ("pid-decoder", "pid-decoder.exe"):
+            if (folder / name).is_file():
+                return [str(folder / name)]
+    return [sys.executable, "-m", "pid_decoder.cli"]
+
+
+def test_console_script_help(monkeypatch, tmp_path):
+    # a stale pid-decoder of another Python first on PATH must not be the one that runs
+    stale = tmp_path / "pid-decoder"
+    stale.write_text("#!/bin/sh\necho stale >&2\nexit 3\n")
+    stale.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = _console_script()
+    assert cmd[0] != str(stale)
     result = subprocess.run(cmd + ["decode", "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0 and "--text-embedding" in result.stdout and "--compare" in result.stdout
     result = subprocess.run(cmd + ["frobnicate"], capture_output=True, text=True, timeout=60, check=False)
@@ -287,7 +303,9 @@ def test_tile_option_is_the_tiled_decode(assets, tmp_path, capsys):
     ("extra", "message"),
     [
         (["--max-memory", "lots"], "--max-memory: cannot read memory budget 'lots'"),
-        (["--tile", "40"], "--tile/--tile-overlap: .*multiple"),
+        (["--tile", "40"], "--tile must be a multiple of 16 pixels, got 40; the smallest tile is 144 px"),
+        (["--tile", "100"], "--tile must be a multiple of 16 pixels, got 100.*Use e.g. --tile 144"),
+        (["--tile", "128"], "--tile must be at least 144 pixels, got 128.*--tile-overlap 128"),
         (["--offload", "--compile"], "--offload and --compile do not combine"),
         (["--noise-device", "mps"], "--noise-device: noise device must be 'auto', 'cpu' or a CUDA device"),
     ],

@@ -261,17 +261,17 @@ def test_failed_download_is_reported(tmp_path, monkeypatch):
         weights.resolve(weights.preset_files("sdxl-4k"), tmp_path / "w")
 
 
-def test_release_files_found_without_checkpoints_prefix_on_the_hub(tmp_path, monkeypatch):
+def test_each_file_is_asked_of_the_hub_once_at_its_known_path(tmp_path, monkeypatch):
     from pid_decoder import weights
 
     hub = FakeHub(tmp_path / "hub")
     source = tmp_path / "ae.bin"
     source.write_bytes(b"vae")
-    hub.add("nvidia/PiD", "ae.safetensors", source)  # at the repo root instead of checkpoints/
+    hub.add("nvidia/PiD", "ae.safetensors", source)  # at the repo root: not the release layout, not guessed
     monkeypatch.setattr(weights, "_hub_download", hub)
-    found = weights.resolve([weights.backbone_spec("zimage")], tmp_path / "w", allow_download=True)
-    assert found == [tmp_path / "w" / "checkpoints" / "ae.safetensors"] and found[0].read_bytes() == b"vae"
-    assert [c[1] for c in hub.calls] == ["checkpoints/ae.safetensors", "ae.safetensors"]
+    with pytest.raises(weights.MissingWeightsError, match="(?s)checkpoints/ae.safetensors.*download failed: FileNotFoundError: 404"):
+        weights.resolve([weights.backbone_spec("zimage")], tmp_path / "w", allow_download=True)
+    assert [c[1] for c in hub.calls] == ["checkpoints/ae.safetensors"]
 
 
 def test_weights_dir_may_be_the_checkpoints_folder(tmp_path, assets, presets):

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .config import NetConfig
+from .atomic import atomic_write
+from .config import NetConfig, load_net_config
 from .keys import key_problems, listing
 from .model.net import PiDNet
 from .presets import PRESETS, Preset, resolve_preset
@@ -71,7 +71,15 @@ class CheckpointFile:
     @property
     def config(self) -> NetConfig | None:
         raw = self.metadata.get("config")
-        return NetConfig.from_dict(json.loads(raw)) if raw else None
+        if not raw:
+            return None
+        try:
+            return load_net_config(json.loads(raw))
+        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"{self.path}: the network config stored in its metadata is not valid ({_first_line(err)}); "
+                "give the config yourself (--config FILE / config=) or a preset (--preset / preset=)"
+            ) from None
 
     @property
     def preset_name(self) -> str | None:
@@ -86,52 +94,220 @@ def _missing_file_message(path: Path) -> str:
     )
 
 
-def open_checkpoint(path: str | os.PathLike) -> CheckpointFile:
-    """Open a ``.pth``/``.pt`` (torch.save, weights_only) or ``.safetensors`` file without unpickling code."""
+# What a file that is not a weight file usually is, by its first bytes.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ\x00", "an xz archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-zip archive"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
+    (b"GGUF", "a GGUF model file"),
+    (b"version https://git-lfs", "a Git LFS pointer (the real file was never downloaded: run `git lfs pull`)"),
+)
+# torch.save's legacy (non-zip) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
+_TORCH_LEGACY = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+_HEAD_BYTES = 64
+
+
+def file_kind(head: bytes, size: int) -> str:
+    """What a file is by its first bytes: "zip" (torch.save), "torch-legacy", "pickle", "safetensors", or a
+    description such as "a PNG image" / "unknown bytes (3f 00 ...)" for anything else."""
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(_TORCH_LEGACY):
+        return "torch-legacy"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if size > 9 and len(head) > 8:
+        header = int.from_bytes(head[:8], "little")
+        if 2 <= header <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image"
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    text = head.lstrip()
+    if text[:1] == b"<":
+        return "an HTML/XML page (a download that saved a web page instead of the file?)"
+    if text[:1] in (b"{", b"["):
+        return "a JSON text file"
+    if text and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return f"unknown bytes ({head[:8].hex(' ')})"
+
+
+def _found_inside(folder: Path, limit: int = 6) -> str:
+    suffixes = (".pth", ".pt", ".safetensors", ".sft", ".bin", ".ckpt")
+    try:
+        found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    except OSError:
+        found = []
+    if not found:
+        return "no .pth/.safetensors file"
+    return ", ".join(found[:limit]) + (f" ... (+{len(found) - limit} more)" if len(found) > limit else "")
+
+
+def check_weight_path(
+    path: str | os.PathLike,
+    what: str = "checkpoint",
+    *,
+    flag: str | None = None,
+    param: str | None = None,
+    folder_ok: bool = False,
+) -> bytes:
+    """Refuse a path that cannot be a weight file, naming the cause; returns the file's first bytes.
+
+    FileNotFoundError (missing), ValueError (a directory where a file is needed, an empty file),
+    PermissionError (unreadable). ``flag`` / ``param`` are the CLI option and API parameter named in messages.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(_missing_file_message(path))
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        return _open_safetensors(path)
-    return _open_torch(path)
+    where = f"({flag} / {param}=) " if flag and param else ""
+    if not path.exists():
+        if what == "checkpoint":
+            raise FileNotFoundError(_missing_file_message(path))
+        raise FileNotFoundError(f"{what} {str(path)!r} {where}does not exist")
+    if path.is_dir():
+        if folder_ok:
+            return b""
+        raise ValueError(
+            f"{what} {str(path)!r} {where}is a directory; pass the .pth/.safetensors file inside it "
+            f"(found: {_found_inside(path)})"
+        )
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except PermissionError:
+        raise PermissionError(
+            f"cannot read {what} {str(path)!r}{' ' + where.strip() if where else ''}: permission denied; check its "
+            "permissions (ls -l) or copy it somewhere readable"
+        ) from None
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None
+    if not head:
+        raise ValueError(
+            f"{what} {str(path)!r} {where}is empty (0 bytes); the download or copy did not finish: fetch it again"
+        )
+    return head
 
 
-def _open_safetensors(path: Path) -> CheckpointFile:
+def open_checkpoint(path: str | os.PathLike) -> CheckpointFile:
+    """Open a ``.pth``/``.pt`` (torch.save, weights_only) or ``.safetensors`` file without unpickling code.
+
+    The format is told by the file's first bytes, not its suffix. Anything else is refused with a ValueError
+    that says what the file looks like (an image, a web page, a pickle, unknown bytes); a missing file raises
+    FileNotFoundError, an unreadable one PermissionError.
+    """
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path
+    head = check_weight_path(path, "checkpoint")
+    kind = file_kind(head, path.stat().st_size)
+    if kind in ("zip", "torch-legacy"):
+        return _open_torch(path, kind)
+    if kind == "safetensors" or (kind != "pickle" and path.suffix.lower() in SAFETENSORS_SUFFIXES):
+        return _open_safetensors(path, kind)
+    if kind == "pickle":
+        raise ValueError(
+            f"{path} is a plain Python pickle, not a torch.save checkpoint; it is not opened because unpickling can "
+            "run code from the file. If you trust it, load it yourself and re-save the state dict with "
+            "torch.save(state_dict, path) or as safetensors."
+        )
+    raise ValueError(
+        f"{path} is not a torch checkpoint (it looks like {kind}); expected a .pth written by torch.save or a "
+        ".safetensors file, e.g. checkpoints/<folder>/model_ema_bf16.pth"
+    )
+
+
+def _open_safetensors(path: Path, kind: str = "safetensors") -> CheckpointFile:
     from safetensors import SafetensorError, safe_open
 
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a valid safetensors file: {err}") from err
-    keys = list(handle.keys())
-    shapes, dtypes = {}, {}
-    for k in keys:
-        sl = handle.get_slice(k)
-        shapes[k] = tuple(sl.get_shape())
-        dtypes[k] = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
-    return CheckpointFile(path, keys, shapes, dtypes, dict(handle.metadata() or {}), handle.get_tensor)
+        keys = list(handle.keys())
+        shapes, dtypes = {}, {}
+        for k in keys:
+            sl = handle.get_slice(k)
+            shapes[k] = tuple(sl.get_shape())
+            dtypes[k] = _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32)
+        metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        looks = "" if kind == "safetensors" else f" (it looks like {kind})"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a valid safetensors file{looks}: {detail}") from None
+    return CheckpointFile(path, keys, shapes, dtypes, metadata, handle.get_tensor)
 
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
-def _open_torch(path: Path) -> CheckpointFile:
+def load_tensor_file(path: Path, kind: str) -> Any:
+    """``torch.load(weights_only=True)`` of a zip / legacy torch file, with every failure as a ValueError that
+    names the cause. torch's pickle-protocol UserWarning is caught here and becomes part of the message."""
+    import re
+    import warnings
+
+    caught: list[warnings.WarningMessage] = []
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err) and "zip" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) serialisation
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always")
+            caught = recorded
+            if kind == "zip":
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it needs arbitrary Python unpickling, which can run code from the file. "
-            "Only plain tensor dicts are accepted (torch.load(..., weights_only=True)). If you trust the file, "
-            "re-save its state dict with torch.save(state_dict, ...) or convert it to safetensors. "
-            f"(torch said: {str(err).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from err
+        text = str(err)
+        glob = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+        if glob:
+            raise ValueError(
+                f"refusing to load {path}: it needs arbitrary Python unpickling, which can run code from the file "
+                f"({glob}). Only plain tensor dicts are accepted (torch.load(..., weights_only=True)). If you trust "
+                "the file, re-save its state dict with torch.save(state_dict, ...) or convert it to safetensors."
+            ) from None
+        protocol = next((m.group(1) for w in caught if (m := re.search(r"pickle protocol (\d+)", str(w.message)))), None)
+        if protocol is not None:
+            raise ValueError(
+                f"{path} was saved with pickle protocol {protocol}, which torch's safe loader (weights_only=True) "
+                "cannot read; re-save it with torch.save(state_dict, path) (default protocol) or convert it to "
+                "safetensors"
+            ) from None
+        after = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines() if "WeightsUnpickler error:" in text else []
+        detail = after[0].strip() if after else _first_line(err)
+        raise ValueError(f"{path} is a corrupt torch checkpoint (torch's safe loader: {detail})") from None
+    except Exception as err:  # a damaged file makes torch's reader fail anywhere (struct, assert, key errors)
+        text = str(err)
+        if "central directory" in text or "zip archive" in text or isinstance(err, EOFError):
+            raise ValueError(f"{path} is truncated or corrupt (torch could not read it: {_first_line(err)})") from None
+        if kind == "zip":
+            raise ValueError(f"{path} is a zip archive but not a torch checkpoint ({_first_line(err)})") from None
+        raise ValueError(f"{path} is not a readable torch checkpoint ({_first_line(err)})") from None
+    finally:
+        for w in caught:
+            if "pickle protocol" not in str(w.message):  # anything else torch says is passed on once
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first sentence`` of a third-party error (torch's run on for lines)."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    if len(line) > 120 and ". " in line:
+        line = line[: line.index(". ") + 1]
+    return f"{type(err).__name__}: {line}"
+
+
+def _open_torch(path: Path, kind: str = "zip") -> CheckpointFile:
+    obj = load_tensor_file(path, kind)
     sd = _flat_tensor_dict(obj, path)
     keys = list(sd)
     return CheckpointFile(
@@ -204,10 +380,11 @@ def detect_variant(checkpoint: CheckpointFile | str | os.PathLike) -> dict[str, 
     shape = lambda name: checkpoint.shapes.get(mapping.get(name, ""), None)
     info: dict[str, Any] = {"path": str(checkpoint.path), "keys": len(mapping), "dropped_keys": len(dropped)}
     conv = shape("lq_proj.latent_proj.0.weight")
-    if shape("s_embedder.proj.weight") is None:
-        info["family"] = "unknown (no s_embedder.proj.weight: not a PiD / PixelDiT checkpoint)"
+    embed = shape("s_embedder.proj.weight")
+    if embed is None or len(embed) < 2 or (conv is not None and len(conv) < 2):
+        info["family"] = "unknown (no 2-D s_embedder.proj.weight: not a PiD / PixelDiT checkpoint)"
         return info
-    info["hidden_size"] = shape("s_embedder.proj.weight")[0]
+    info["hidden_size"] = embed[0]
     info["patch_depth"] = len({k.split(".")[1] for k in mapping if k.startswith("patch_blocks.")})
     if conv is None:
         info["family"] = "pixeldit"
@@ -238,11 +415,10 @@ def build_network(
 
 
 def _resolve_config(
-    checkpoint: CheckpointFile, config: NetConfig | Mapping | None, preset: str | Preset | None
+    checkpoint: CheckpointFile, config: NetConfig | Mapping | str | os.PathLike | None, preset: str | Preset | None
 ) -> tuple[NetConfig, Preset | None]:
     if config is not None:
-        cfg = config if isinstance(config, NetConfig) else NetConfig.from_dict(dict(config))
-        return cfg, resolve_preset(preset) if preset is not None else None
+        return load_net_config(config), resolve_preset(preset) if preset is not None else None
     if preset is not None:
         p = resolve_preset(preset)
         return p.net, p
@@ -256,7 +432,8 @@ def _resolve_config(
         raise ValueError(
             f"{checkpoint.path} does not match any released PiD preset (detected: {info.get('family')}, "
             f"hidden {info.get('hidden_size')}, LQ conv input channels {info.get('lq_conv_in_channels')}). "
-            "For a self-trained network pass config= (a NetConfig or the reference's net arguments as JSON)."
+            "For a self-trained network give its config: --config FILE.json on the command line, config= in the "
+            "API (a NetConfig, a dict or a JSON file of the reference's network arguments)."
         )
     backbones = {p.backbone for p in candidates}
     nets = {p.net for p in candidates}
@@ -264,14 +441,57 @@ def _resolve_config(
         raise ValueError(
             f"{checkpoint.path} fits several presets whose files have identical keys and shapes: "
             + ", ".join(f"{p.alias} ({p.name})" for p in candidates)
-            + ". Pass preset= (or --preset) to say which latent space it was trained on."
+            + ". Pass preset= in the API (--preset NAME on the command line) to say which latent space it was "
+            "trained on."
         )
     return candidates[0].net, candidates[0]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that exists on this machine, else a ValueError naming the ones that do."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"unknown device {device!r} ({_first_line(err)}); use one of {', '.join(available_devices())}"
+        ) from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available) or not is_available():
+        if dev.type == "cuda":
+            why = "CUDA is not available: " + (
+                "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+            )
+        else:
+            why = f"this machine or PyTorch build has no {dev.type} backend"
+        raise ValueError(
+            f"device {str(device)!r} is not available ({why}). Available devices: {', '.join(available_devices())} "
+            "(CLI: --device cpu; API: device=\"cpu\")."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            f"available: {', '.join(available_devices())}"
+        )
+    return dev
+
+
+def available_devices() -> list[str]:
+    """The device names this machine can run on, e.g. ["cpu", "cuda:0", "cuda:1"]."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
 def load_network(
     checkpoint: str | os.PathLike | CheckpointFile,
-    config: NetConfig | Mapping | None = None,
+    config: NetConfig | Mapping | str | os.PathLike | None = None,
     *,
     preset: str | Preset | None = None,
     dtype: torch.dtype | str = torch.float32,
@@ -279,13 +499,17 @@ def load_network(
 ) -> PiDNet:
     """Load a checkpoint into a `PiDNet` in eval mode, straight onto ``device`` in ``dtype``.
 
-    ``config`` (a `NetConfig` or the reference's network keyword arguments) or ``preset`` say which network
-    the file holds; without them it is read from our safetensors metadata or detected from the keys, which
-    fails (naming the candidates) where released files are indistinguishable (FLUX.1 vs SD3 vs Qwen-Image).
+    ``config`` (a `NetConfig`, a dict of our or the reference's network arguments, or the path of such a JSON
+    file) or ``preset`` say which network the file holds; without them it is read from our safetensors metadata
+    or detected from the keys, which fails (naming the candidates) where released files are indistinguishable
+    (FLUX.1 vs SD3 vs Qwen-Image). Every argument is checked before the file is read: a ``device`` that this
+    machine does not have is a ValueError naming the ones it has.
     """
-    ckpt = checkpoint if isinstance(checkpoint, CheckpointFile) else open_checkpoint(checkpoint)
     dtype = parse_dtype(dtype)
-    device = torch.device(device)
+    device = check_device(device)
+    if config is not None:
+        config = load_net_config(config)
+    ckpt = checkpoint if isinstance(checkpoint, CheckpointFile) else open_checkpoint(checkpoint)
     cfg, chosen = _resolve_config(ckpt, config, preset)
     mapping, dropped = network_keys(ckpt)
     if dropped:
@@ -315,21 +539,6 @@ def count_parameters(net: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- writing
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Run ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_safetensors(
     net: PiDNet, path: str | os.PathLike, *, preset: str | Preset | None = None, dtype: torch.dtype | str = torch.bfloat16
 ) -> Path:

@@ -1,7 +1,13 @@
 """The ``pid-decoder`` command: parse arguments, call the library, write files.
 
 Results (one path or one JSON document per output) go to stdout; messages go to stderr. Exit status: 0 on
-success, 2 on usage errors, 1 on runtime errors (a one-line message; the traceback only with ``-v``).
+success, 2 on usage errors (anything wrong on the command line, found before any work), 1 on runtime errors
+(a one-line message; the traceback only with ``-v``), 130 when interrupted.
+
+Order of work in the decoding commands: options are checked, every input file is opened and validated, the
+weight files are located (one listing of everything missing), and only then are models loaded. Outputs are
+written atomically, claimed before their work starts (concurrent runs on one folder split it), and a run
+resumes where a killed one stopped (docs/usage.md).
 """
 
 from __future__ import annotations
@@ -149,7 +155,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise UsageError("give exactly one of PROMPT or --prompt-file")
-    prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8").strip()
+    _check_device("--device", args.device)
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--prompt-file {args.prompt_file} cannot be read: {_one_line(err)}") from None
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
@@ -265,11 +278,65 @@ def _quiet_libraries(quiet: bool) -> None:
         pass
 
 
+def _check_device(flag: str, device: str) -> None:
+    from .pipeline import check_device
+
+    try:
+        check_device(device)
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}") from None
+
+
+def _run_preset(args: argparse.Namespace):
+    """The preset this run uses (None for a --checkpoint without --preset)."""
+    from .presets import resolve_preset
+
+    name = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
+    return resolve_preset(name) if name else None
+
+
+def _run_net_config(args: argparse.Namespace):
+    """The network config known before loading: --config, else the preset's; None when only the file knows it."""
+    if args.config:
+        from .config import NetConfig
+
+        try:
+            return NetConfig.from_dict(read_config(args.config))
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--config {args.config}: {err}") from None
+    preset = _run_preset(args)
+    return preset.net if preset is not None else None
+
+
+def _check_tile(args: argparse.Namespace, patch: int) -> None:
+    """--tile: a multiple of the patch size, and at least --tile-overlap + one patch (tiles must advance)."""
+    tile, overlap = args.tile, args.tile_overlap
+    if overlap < 0:
+        raise UsageError(f"--tile-overlap must be >= 0 pixels, got {overlap}")
+    if tile is None:
+        return
+    smallest = -(-(overlap + patch) // patch) * patch
+    why = (f"the smallest tile is {smallest} px: tiles are whole {patch}-px patches and, overlapping by "
+           f"--tile-overlap {overlap} px, must still advance by one patch")
+    if tile % patch or tile < smallest:
+        near = max(smallest, -(-tile // patch) * patch)
+        what = f"a multiple of {patch} pixels" if tile % patch else f"at least {smallest} pixels"
+        raise UsageError(f"--tile must be {what}, got {tile}; {why}. Use e.g. --tile {near}"
+                         + (" or a smaller --tile-overlap" if tile >= patch and tile % patch == 0 else ""))
+
+
 def _check_model_args(args: argparse.Namespace) -> None:
+    """Every check of the command line that needs no input file and no weights (exit 2)."""
+    from .pipeline import SEED_MAX
+
     if args.config and not args.checkpoint:
         raise UsageError("--config describes a --checkpoint file; give --checkpoint too")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise UsageError(f"--checkpoint file not found: {args.checkpoint}")
+    if args.checkpoint:
+        ck = Path(args.checkpoint)
+        if ck.is_dir():
+            raise UsageError(f"--checkpoint {ck} is a folder; give the checkpoint file itself (.pth / .safetensors)")
+        if not ck.is_file():
+            raise UsageError(f"--checkpoint file not found: {ck}")
     if args.backbone_path and not Path(args.backbone_path).exists():
         raise UsageError(f"--backbone-path not found: {args.backbone_path}")
     if args.negative_embedding and not Path(args.negative_embedding).is_file():
@@ -278,35 +345,16 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--text-embedding file not found: {args.text_embedding}")
     if getattr(args, "text_embedding", None) and getattr(args, "prompt", None) is not None:
         raise UsageError("give --prompt or --text-embedding, not both")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.text_encoder is not None and not str(args.text_encoder).strip():
+        raise UsageError("--text-encoder is empty; give a Gemma-2-2b-it folder or hub id, or leave it out")
+    if args.weights_dir is not None and Path(args.weights_dir).exists() and not Path(args.weights_dir).is_dir():
+        raise UsageError(f"--weights-dir {args.weights_dir} is a file; give the folder that holds the weights")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UsageError(f"--seed must be in [0, 2**64 - 1] = [0, {SEED_MAX}], got {args.seed}")
     sigma = getattr(args, "sigma", 0.0)
     if not 0.0 <= sigma <= 1.0:
         raise UsageError(f"--sigma must be in [0, 1], got {sigma}")
-    if args.max_memory is not None:
-        from .model.memory import parse_memory
-
-        try:
-            parse_memory(args.max_memory)
-        except ValueError as err:
-            raise UsageError(f"--max-memory: {err}") from None
-    if args.tile is not None:
-        from .tiling import plan_tiles
-
-        try:  # the same checks the tiled decode makes, on an image of 2 x 2 tiles
-            plan_tiles(2 * args.tile, 2 * args.tile, args.tile, args.tile_overlap)
-        except ValueError as err:
-            raise UsageError(f"--tile/--tile-overlap: {err}") from None
-    import torch
-
-    from .pipeline import resolve_noise_device
-
-    try:  # checked before any weight is loaded
-        resolve_noise_device(args.noise_device, torch.device("cpu"))
-    except (ValueError, RuntimeError) as err:
-        raise UsageError(f"--noise-device: {err}") from None
-    if args.offload and args.compile:
-        raise UsageError("--offload and --compile do not combine (the offload hooks move weights between calls)")
+    _check_device("--device", args.device)
     from .presets import resolve_preset
 
     if args.preset:
@@ -320,30 +368,147 @@ def _check_model_args(args: argparse.Namespace) -> None:
         try:
             resolve_backbone_name(args.backbone)
         except ValueError as err:
-            raise UsageError(str(err)) from None
+            raise UsageError(f"--backbone: {err}") from None
+    if args.steps is not None:
+        from .sampling import STUDENT_T_LIST
+
+        preset = _run_preset(args)
+        if args.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        student = preset is None or preset.sampler.kind == "student"
+        top = len(STUDENT_T_LIST) - 1
+        if student and args.steps > top:
+            which = f"preset {preset.alias}" if preset is not None else "checkpoint"
+            raise UsageError(
+                f"--steps {args.steps}: the distilled student ({which}) has a {top}-step schedule "
+                f"(t = {', '.join(f'{t:g}' for t in STUDENT_T_LIST)}); use --steps 1..{top}"
+            )
+    if args.max_memory is not None:
+        from .model.memory import parse_memory
+
+        try:
+            parse_memory(args.max_memory)
+        except ValueError as err:
+            raise UsageError(f"--max-memory: {err}") from None
+    config = _run_net_config(args)
+    _check_tile(args, config.patch_size if config is not None else 16)
+    if args.tile is not None and _run_preset(args) is not None and _run_preset(args).sampler.kind == "teacher":
+        raise UsageError("--tile is for the distilled presets; this preset uses the teacher sampler")
+    import torch
+
+    from .pipeline import resolve_noise_device
+
+    try:  # checked before any weight is loaded
+        resolve_noise_device(args.noise_device, torch.device("cpu"))
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"--noise-device: {err}") from None
+    if args.offload and args.compile:
+        raise UsageError("--offload and --compile do not combine (the offload hooks move weights between calls)")
 
 
-def _load_pipeline(args: argparse.Namespace, device: str, *, need_backbone: bool):
-    """PiDPipeline from the CLI options (checks and downloads every weight file before loading any)."""
+_CLI_WORDS = (  # API parameter words in library messages -> the CLI's flags
+    ("pass config= (a NetConfig or the reference's net arguments as JSON)",
+     "pass --config FILE (the reference's network arguments or NetConfig fields as JSON)"),
+    ("Pass preset= (or --preset)", "Pass --preset"),
+    ("pass preset=", "pass --preset"),
+    ("pass backbone_name=", "pass --backbone NAME (the latent space: flux, sd3, sdxl, flux2, qwenimage, ...)"),
+    ("load the pipeline with backbone= (a path, a diffusers module such as pipe.vae, or a backbone object) or "
+     "from a preset with its weights", "give --preset, or --backbone NAME with --checkpoint (and --backbone-path "
+     "for the VAE weights)"),
+    ("return_baseline=True", "--compare/--save-baseline"),
+    ("pass a smaller max_memory= budget, tile= for the approximate tiled decode, or decode a smaller output",
+     "pass a smaller --max-memory budget (e.g. --max-memory 4GB), --tile N for the approximate tiled decode (N "
+     "below the output size, e.g. --tile 2048 for 8K), or ask for a smaller output"),
+    ("(upscale: scale=, size=, long_edge=; decode: a smaller latent)", "(upscale: --scale, --size, --long-edge)"),
+    ("(max_memory= and tile= bound the network's activations, not these tensors)",
+     "(--max-memory and --tile bound the network's activations, not these tensors)"),
+    ("local_files_only=True", "offline (HF_HUB_OFFLINE=1 or no network)"),
+)
+
+
+def _cli_words(message: str) -> str:
+    for api, flag in _CLI_WORDS:
+        message = message.replace(api, flag)
+    return message
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return _cli_words(text.splitlines()[0] if text else type(err).__name__)
+
+
+def _text_needs_gemma(args: argparse.Namespace, preset) -> bool:
+    """Whether this run must load Gemma: a prompt to encode that is not cached, or the teacher's negative prompt."""
+    from .text import DEFAULT_TEXT_ENCODER, TextEncoder
+
+    teacher_negative = (preset is not None and preset.sampler.kind == "teacher" and preset.sampler.cfg_scale != 1.0
+                        and not args.negative_embedding)
+    if getattr(args, "text_embedding", None) and not teacher_negative:
+        return False
+    encoder = TextEncoder(args.text_encoder or DEFAULT_TEXT_ENCODER, device="cpu")
+    if not hasattr(encoder, "needs_model"):
+        return True
+    prompts = [] if getattr(args, "text_embedding", None) else [getattr(args, "prompt", None) or ""]
+    try:
+        return bool(encoder.needs_model(prompts)) or teacher_negative
+    except Exception:  # a cache that cannot be read: Gemma is needed
+        return True
+
+
+def _needs_negative_prompt(pipe, args: argparse.Namespace) -> bool:
+    return pipe.sampler.kind == "teacher" and pipe.sampler.cfg_scale != 1.0 and not args.negative_embedding
+
+
+def _check_weights(args: argparse.Namespace, *, need_backbone: bool, need_gemma: bool | None = None):
+    """Locate (and fetch when allowed) every weight file of the run before anything loads: `weights.RunFiles`.
+
+    Raises `MissingWeightsError` listing everything missing at once. None where the weights module has no
+    up-front check.
+    """
+    from . import weights
+
+    check = getattr(weights, "check_run_files", None)
+    if check is None:
+        return None
+    preset = _run_preset(args)
+    if need_gemma is None:
+        need_gemma = _text_needs_gemma(args, preset)
+    return check(
+        preset, weights_dir=args.weights_dir, checkpoint=args.checkpoint, backbone=args.backbone,
+        need_backbone=need_backbone, backbone_path=args.backbone_path, needs_text_encoder=need_gemma,
+        text_encoder=args.text_encoder,
+    )
+
+
+def _load_pipeline(args: argparse.Namespace, device: str, *, need_backbone: bool, files=None):
+    """PiDPipeline from the CLI options (after `_check_weights`: every file is local by now)."""
     from .accel import compile_network
     from .model.attention import set_attention_backend
     from .pipeline import PiDPipeline
 
     preset = args.preset or (None if args.checkpoint else DEFAULT_PRESET)
     config = read_config(args.config) if args.config else None
-    if need_backbone:
-        backbone = args.backbone_path or None
-    else:
-        backbone = False
+    backbone = (args.backbone_path or None) if need_backbone else False
+    offline = bool(getattr(files, "offline", False))
     bar = _progress(args)(total=1, desc="loading PiD", unit="model")
     try:
         set_attention_backend(args.attention)
-        pipe = PiDPipeline.from_pretrained(
-            args.checkpoint or preset, preset=preset if args.checkpoint else None, config=config,
-            weights_dir=args.weights_dir, device=device, dtype=args.dtype, text_encoder=args.text_encoder,
-            backbone=backbone, backbone_name=args.backbone, noise_device=args.noise_device, offload=args.offload,
-            max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
-        )
+        try:
+            pipe = PiDPipeline.from_pretrained(
+                args.checkpoint or preset, preset=preset if args.checkpoint else None, config=config,
+                weights_dir=args.weights_dir, device=device, dtype=args.dtype, text_encoder=args.text_encoder,
+                backbone=backbone, backbone_name=args.backbone, noise_device=args.noise_device, offload=args.offload,
+                max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap,
+                allow_download=False if offline else None,
+            )
+        except ValueError as err:
+            text = str(err)
+            if "backbone_name=" in text:  # the latent space of --checkpoint is unknown
+                raise UsageError(
+                    "the latent space of --checkpoint is unknown, so its VAE cannot be loaded; pass --backbone NAME "
+                    "(flux, sd3, sdxl, flux2, qwenimage, dinov2, siglip) or --preset"
+                ) from None
+            raise
         if args.compile:
             compile_network(pipe.net)
         bar.update(1)
@@ -358,6 +523,19 @@ def _load_pipeline(args: argparse.Namespace, device: str, *, need_backbone: bool
             "this checkpoint is the text-to-image PixelDiT (no latent input); upscale/decode/generate need a PiD "
             "preset such as flux-4k"
         )
+    if need_backbone and pipe.backbone is None:
+        raise UsageError(
+            "--compare/--save-baseline and upscale need the VAE of the latent space; give --preset, or --backbone "
+            "NAME with --checkpoint (and --backbone-path for the VAE weights)"
+        )
+    if files is not None and files.text_encoder is None and _needs_negative_prompt(pipe, args):
+        # the checkpoint turned out to be an undistilled teacher: its negative prompt needs Gemma, checked now
+        _check_weights(args, need_backbone=False, need_gemma=True)
+    if args.steps is not None:
+        try:
+            pipe.check_steps(args.steps)
+        except ValueError as err:
+            raise UsageError(f"--{str(err)}") from None
     return pipe
 
 
@@ -367,20 +545,40 @@ def _text(pipe, args: argparse.Namespace):
 
 
 def _output_plan(args: argparse.Namespace, items, *, single_file_ok: bool) -> tuple[Path, str, Path | None]:
-    """(output folder, format, explicit single output file or None)."""
+    """(output folder, format, explicit single output file or None); the folder must be creatable/writable."""
+    import os
+
     from .io import FORMATS
 
     out = Path(args.output) if args.output else None
     suffix = out.suffix.lower().lstrip(".") if out is not None else ""
     suffix = "jpg" if suffix == "jpeg" else suffix
+    fmt = "jpg" if args.format == "jpeg" else args.format
     if out is not None and suffix in FORMATS:
         if not single_file_ok or len(items) != 1:
             raise UsageError(f"-o {out} is a file name, but there are {len(items)} inputs; give a folder")
-        fmt = args.format or suffix
-        return out.parent, fmt, out
-    if out is not None and out.suffix and not out.is_dir():
+        if fmt is not None and fmt != suffix:
+            raise UsageError(
+                f"-o {out} names a .{suffix} file but --format {fmt} was given; name the output "
+                f"{out.with_suffix('.' + fmt).name} or leave out --format (the format comes from -o's suffix)"
+            )
+        folder, single, fmt = out.parent, out, suffix
+        if out.is_dir():
+            raise UsageError(f"-o {out} is an existing folder; give another file name or use it as the folder")
+    elif out is not None and out.suffix and not out.is_dir():
         raise UsageError(f"-o {out}: unknown image suffix {out.suffix!r}; use .png, .jpg or .webp, or a folder")
-    return (out or Path(DEFAULT_OUTPUT_DIR)), args.format or "png", None
+    else:
+        folder, single, fmt = (out or Path(DEFAULT_OUTPUT_DIR)), None, fmt or "png"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"-o {folder} is a file; give a folder (or a .png/.jpg/.webp name for one input)")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"-o {out or folder}: cannot write under {existing} (permission denied); choose another folder"
+        )
+    return folder, fmt, single
 
 
 def _extras(path: Path, args: argparse.Namespace) -> dict[str, Path]:
@@ -397,39 +595,97 @@ def _done(path: Path, args: argparse.Namespace) -> bool:
     return not args.overwrite and path.is_file() and all(p.is_file() for p in _extras(path, args).values())
 
 
+class OutOfSpace(Exception):
+    """An output could not be written because its file system is full: the batch stops."""
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(f"no space left writing {path} ({err.strerror or err}); free some space on that disk (or "
+                         "choose another -o) and run the same command again: finished outputs are kept and skipped")
+        self.path = path
+
+
+_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
+
+
 def _write(path: Path, image, baseline, args: argparse.Namespace, fmt: str) -> None:
     from .io import compare_image, save_image
 
     extra = _extras(path, args)
-    if "baseline" in extra:
-        save_image(baseline, extra["baseline"], fmt)
-    if "compare" in extra:
-        save_image(compare_image(baseline, image), extra["compare"], fmt)
-    save_image(image, path, fmt)  # last: its presence marks the item as done
+    try:
+        if "baseline" in extra:
+            save_image(baseline, extra["baseline"], fmt)
+        if "compare" in extra:
+            save_image(compare_image(baseline, image), extra["compare"], fmt)
+        save_image(image, path, fmt)  # last: its presence marks the item as done
+    except OSError as err:
+        if err.errno in _FULL_ERRNOS:
+            raise OutOfSpace(path, err) from err
+        raise
     print(path, flush=True)
 
 
 class _Batch:
-    """Counters, per-item error reporting and the closing summary of a batch command."""
+    """Counters, claims, per-item error reporting and the closing summary of a batch command.
+
+    An error on one item is reported and the batch carries on; a full disk (`OutOfSpace`) stops it at once.
+    """
 
     def __init__(self, name: str, args: argparse.Namespace, ctx):
         self.name, self.args, self.ctx = name, args, ctx
-        self.written = self.skipped = self.failed = 0
+        self.written = self.skipped = self.failed = self.elsewhere = 0
+        self.stopped: OutOfSpace | None = None
 
-    def fail(self, item: Path, err: BaseException) -> None:
+    def message(self, text: str) -> None:
+        print(f"pid-decoder {self.name}: {text}", file=sys.stderr, flush=True)
+
+    def fail(self, item, err: BaseException) -> None:
         self.failed += 1
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"pid-decoder {self.name}: failed: {item}: {message}", file=sys.stderr, flush=True)
+        text = _one_line(err)
+        text = text[len(str(item)):].lstrip(":").lstrip() if text.startswith(str(item)) else text
+        self.message(f"failed: {item}: {text}")
         if self.args.verbose:
-            logger.exception("item %s failed", item)
+            logger.error("item %s failed", item, exc_info=err)
+
+    def clean(self, targets) -> None:
+        """Remove what a killed run left next to these outputs: temporary files and claims of dead processes."""
+        from .atomic import clean_stale_temps
+
+        removed = []
+        for folder in sorted({Path(t).parent for t in targets}):
+            removed += clean_stale_temps(folder, recursive=False)
+        if removed:
+            logger.info("removed %d leftover file(s) of an interrupted run: %s", len(removed),
+                        ", ".join(str(p) for p in removed[:5]))
+
+    def claim(self, target: Path) -> Path | None:
+        """Claim ``target`` atomically: the claim file, or None when another live run holds it."""
+        from .atomic import try_claim
+
+        try:
+            claim = try_claim(target)
+        except OSError as err:
+            if err.errno in _FULL_ERRNOS:
+                raise OutOfSpace(target, err) from err
+            raise
+        if claim is None:
+            self.elsewhere += 1
+        return claim
+
+    @staticmethod
+    def release(claim: Path | None) -> None:
+        from .atomic import release_claim
+
+        release_claim(claim)
 
     @contextlib.contextmanager
     def item(self, label):
         """Run one item: count it as written on success; report a failure and carry on with the batch."""
         try:
             yield
-        except (KeyboardInterrupt, MemoryError):
+        except KeyboardInterrupt:
             raise
+        except OutOfSpace as err:
+            self.stopped = err
         except Exception as err:
             self.fail(label, err)
         else:
@@ -438,15 +694,19 @@ class _Batch:
     def finish(self) -> int:
         from . import distributed
 
-        written, skipped, failed = distributed.total(self.ctx, [self.written, self.skipped, self.failed])
+        stopped = 1 if self.stopped else 0
+        written, skipped, failed, elsewhere, stopped = distributed.total(
+            self.ctx, [self.written, self.skipped, self.failed, self.elsewhere, stopped]
+        )
         distributed.finish(self.ctx)
-        if self.ctx.rank == 0 and (not self.args.quiet or failed):
+        if self.stopped is not None:
+            self.message(f"error: {self.stopped}")
+        if self.ctx.rank == 0 and (not self.args.quiet or failed or stopped):
             ranks = f" on {self.ctx.world} ranks" if self.ctx.world > 1 else ""
-            print(
-                f"pid-decoder {self.name}: {written} written, {skipped} skipped (already there), {failed} failed{ranks}",
-                file=sys.stderr,
-            )
-        return 1 if failed else 0
+            other = f", {elsewhere} left to another run working on the same outputs" if elsewhere else ""
+            halt = "; stopped: disk full" if stopped else ""
+            self.message(f"{written} written, {skipped} skipped (already there), {failed} failed{other}{ranks}{halt}")
+        return 1 if failed or stopped else 0
 
 
 def _start(args: argparse.Namespace):
@@ -458,10 +718,55 @@ def _start(args: argparse.Namespace):
     return ctx, distributed.rank_device(args.device, ctx)
 
 
+def _run_items(batch: _Batch, args, todo, work, *, need_backbone: bool, device: str, setup=_text,
+               need_gemma: bool | None = None) -> int:
+    """The shared loop: weights checked once, the pipeline loaded on the first item that needs work.
+
+    ``todo``: (label, claim target, is_done(), work args); ``work(pipe, setup(pipe, args), *work args)`` computes
+    and writes one item.
+    """
+    if not todo or batch.stopped:
+        return batch.finish()
+    files = _check_weights(args, need_backbone=need_backbone, need_gemma=need_gemma)
+    pipe = text = None
+    make = _progress(args)
+    for label, target, is_done, payload in make(todo, desc="items", unit="item", disable=args.quiet or len(todo) < 2):
+        if batch.stopped:
+            break
+        if is_done():
+            batch.skipped += 1
+            continue
+        try:
+            claim = batch.claim(target)
+        except OutOfSpace as err:
+            batch.stopped = err
+            break
+        if claim is None:  # another live run is producing it
+            continue
+        try:
+            if is_done():  # finished by another run between the check and the claim
+                batch.skipped += 1
+                continue
+            if pipe is None:
+                pipe = _load_pipeline(args, device, need_backbone=need_backbone, files=files)
+                text = setup(pipe, args)
+            with batch.item(label):
+                work(pipe, text, *payload)
+        finally:
+            batch.release(claim)
+    return batch.finish()
+
+
 # --------------------------------------------------------------------------- upscale
 def _upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMG|DIR", help="images, or folders searched recursively")
     p.add_argument("--sigma", type=float, default=0.0, help="noise the latent at this level first (0..1, default 0)")
+    g = p.add_argument_group("output size (default: the input x the preset's scale)").add_mutually_exclusive_group()
+    g.add_argument("--scale", type=int, help="output = input x this (1 .. the preset's scale; 2 on a 4x preset runs "
+                                             "the 4x decoder on a half-size input)")
+    g.add_argument("--size", metavar="WxH", help="output size, e.g. 3840x2160 (the input is resized to cover it and "
+                                                 "centre-cropped)")
+    g.add_argument("--long-edge", type=int, metavar="N", help="output long side in pixels, aspect kept")
     _model_args(p)
     _sampling_args(p, seed=5)
     _performance_args(p)
@@ -470,38 +775,75 @@ def _upscale_args(p: argparse.ArgumentParser) -> None:
 
 @command("upscale", "image -> VAE latent -> PiD image at the preset's scale (4x, or 8x for siglip)")
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from .io import IMAGE_SUFFIXES, read_image
+    from .io import IMAGE_SUFFIXES, check_image, read_image
+    from .pipeline import check_seed, plan_upscale_size
 
     _check_model_args(args)
+    size = _parse_size(args.size) if args.size else None
+    config = _run_net_config(args)
+    preset_scale = config.lq.sr_scale if config is not None and config.lq is not None else None
+    if args.scale is not None and not 1 <= args.scale <= (preset_scale or max(args.scale, 1)):
+        top = f"1..{preset_scale} for this preset (its factor is {preset_scale}x)" if preset_scale else ">= 1"
+        raise UsageError(f"--scale must be {top}, got {args.scale}")
+    if args.long_edge is not None and args.long_edge < 1:
+        raise UsageError(f"--long-edge must be a positive number of pixels, got {args.long_edge}")
     items = _collect(args.inputs, IMAGE_SUFFIXES)
+    try:
+        check_seed(args.seed, len(items))
+    except ValueError:
+        raise UsageError(f"--seed {args.seed}: item i uses seed + i, which must stay <= 2**64 - 1 for "
+                         f"{len(items)} inputs; use a smaller --seed") from None
     folder, fmt, single = _output_plan(args, items, single_file_ok=True)
     ctx, device = _start(args)
     batch = _Batch("upscale", args, ctx)
-    pipe = text = None
-    make = _progress(args)
     mine = ctx.shard(len(items))
-    for idx in make(mine, desc="images", unit="img", disable=args.quiet or len(mine) < 2):
-        item = items[idx]
-        target = single or folder / item.rel.with_name(f"{item.rel.name}.{fmt}")
+    targets = {idx: single or folder / items[idx].rel.with_name(f"{items[idx].rel.name}.{fmt}") for idx in mine}
+    batch.clean(targets.values())
+    sizing = args.scale is not None or size is not None or args.long_edge is not None
+    todo = []
+    for idx in mine:  # every input is opened and checked before any weight is touched
+        item, target = items[idx], targets[idx]
         if _done(target, args):
             batch.skipped += 1
             continue
-        if pipe is None:
-            pipe = _load_pipeline(args, device, need_backbone=True)
-            text = _text(pipe, args)
-        with batch.item(item.path):
+        try:
             image = read_image(item.path)
-            need_baseline = args.compare or args.save_baseline
-            result = pipe.upscale(
-                image, text_embedding=text, sigma=args.sigma, seed=args.seed, steps=args.steps, index_offset=idx,
-                return_baseline=need_baseline, callback=_StepBar(make),
-            )
-            outs, bases = result if need_baseline else (result, [None])
-            _write(target, outs[0], bases[0], args, fmt)
-    return batch.finish()
+            check_image(image, item.path, min_side=1 if sizing else 16)
+            if preset_scale is not None:  # the same sizing rules the pipeline applies
+                plan_upscale_size(image.size, preset_scale=preset_scale, scale=args.scale, size=size,
+                                  long_edge=args.long_edge)
+            del image
+        except Exception as err:
+            batch.fail(item.path, err)
+            continue
+        todo.append((item.path, target, lambda t=target: _done(t, args), (idx, item, target)))
+    need_baseline = args.compare or args.save_baseline
+    make = _progress(args)
+
+    def work(pipe, text, idx, item, target):
+        image = read_image(item.path)
+        result = pipe.upscale(
+            image, text_embedding=text, sigma=args.sigma, seed=args.seed, steps=args.steps, index_offset=idx,
+            return_baseline=need_baseline, callback=_StepBar(make), scale=args.scale, size=size,
+            long_edge=args.long_edge,
+        )
+        outs, bases = result if need_baseline else (result, [None])
+        _write(target, outs[0], bases[0], args, fmt)
+
+    return _run_items(batch, args, todo, work, need_backbone=True, device=device)
 
 
 cmd_upscale.arguments = _upscale_args
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in str(text).lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise UsageError(f"--size must be WxH in pixels, e.g. 3840x2160, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise UsageError(f"--size must be WxH with positive sizes, got {text!r}")
+    return w, h
 
 
 def _collect(inputs: list[str], suffixes: tuple[str, ...]):
@@ -528,6 +870,33 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     _output_args(p)
 
 
+def _check_latent_file(latents, path: Path, args: argparse.Namespace, config) -> None:
+    """The latent fits the run's network (channels) and latent space (backbones.check_latent); ValueError if not."""
+    from .pipeline import SEED_MAX
+
+    if config is not None and config.lq is not None and latents.shape[1] != config.lq.latent_channels:
+        preset = _run_preset(args)
+        which = f"preset {preset.alias}" if preset is not None else "the --config network"
+        from .backbones.base import _preset_hint
+
+        raise ValueError(
+            f"{path}: {which} expects latents with {config.lq.latent_channels} channels, got {latents.shape[1]} "
+            f"(shape {tuple(latents.shape)}). {_preset_hint(latents.shape[1])}".strip()
+        )
+    name = args.backbone or (_run_preset(args).backbone if _run_preset(args) is not None else None)
+    if name is not None and config is not None and config.lq is not None:
+        from .backbones import check_latent
+
+        try:
+            check_latent(name, latents, channels=config.lq.latent_channels)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    if args.seed + latents.shape[0] - 1 > SEED_MAX:
+        raise ValueError(
+            f"{path}: its {latents.shape[0]} latents use --seed + i, beyond 2**64 - 1; use a smaller --seed"
+        )
+
+
 @command("decode", "latent file(s) -> PiD images (32x the latent grid for 8x VAEs at 4x)")
 def cmd_decode(args: argparse.Namespace) -> int:
     from .io import LATENT_SUFFIXES, load_latent
@@ -536,39 +905,44 @@ def cmd_decode(args: argparse.Namespace) -> int:
     items = _collect(args.inputs, LATENT_SUFFIXES)
     folder, fmt, single = _output_plan(args, items, single_file_ok=True)
     need_backbone = args.compare or args.save_baseline
+    config = _run_net_config(args)
     ctx, device = _start(args)
     batch = _Batch("decode", args, ctx)
-    pipe = text = None
-    make = _progress(args)
     mine = ctx.shard(len(items))
-    for idx in make(mine, desc="latents", unit="file", disable=args.quiet or len(mine) < 2):
-        item = items[idx]
-        base = single or folder / item.rel.with_name(f"{item.rel.name}.{fmt}")
+    bases = {idx: single or folder / items[idx].rel.with_name(f"{items[idx].rel.name}.{fmt}") for idx in mine}
+    batch.clean(bases.values())
+    todo = []
+    for idx in mine:  # every latent file is read and checked before any weight is touched
+        item, base = items[idx], bases[idx]
         try:
             latents = load_latent(item.path)
+            _check_latent_file(latents, item.path, args, config)
         except Exception as err:
             batch.fail(item.path, err)
             continue
         n = latents.shape[0]
+        del latents
         targets = [base] if n == 1 else [base.with_name(f"{base.stem}_{i}{base.suffix}") for i in range(n)]
         if all(_done(t, args) for t in targets):
             batch.skipped += 1
             continue
-        if pipe is None:
-            pipe = _load_pipeline(args, device, need_backbone=need_backbone)
-            text = _text(pipe, args)
-        with batch.item(item.path):
-            for i, target in enumerate(targets):
-                if _done(target, args):
-                    continue
-                # item i of a file uses seed + i, as PiDPipeline.decode does for a batch
-                result = pipe.decode(
-                    latents[i : i + 1], text_embedding=text, sigma=args.sigma, seed=args.seed + i, steps=args.steps,
-                    return_baseline=need_backbone, callback=_StepBar(make),
-                )
-                images, bases = result if need_backbone else (result, [None])
-                _write(target, images[0], bases[0], args, fmt)
-    return batch.finish()
+        todo.append((item.path, base, lambda ts=targets: all(_done(t, args) for t in ts), (item, targets)))
+    make = _progress(args)
+
+    def work(pipe, text, item, targets):
+        latents = load_latent(item.path)
+        for i, target in enumerate(targets):
+            if _done(target, args):
+                continue
+            # item i of a file uses seed + i, as PiDPipeline.decode does for a batch
+            result = pipe.decode(
+                latents[i : i + 1], text_embedding=text, sigma=args.sigma, seed=args.seed + i, steps=args.steps,
+                return_baseline=need_backbone, callback=_StepBar(make),
+            )
+            images, bases = result if need_backbone else (result, [None])
+            _write(target, images[0], bases[0], args, fmt)
+
+    return _run_items(batch, args, todo, work, need_backbone=need_backbone, device=device)
 
 
 cmd_decode.arguments = _decode_args
@@ -653,35 +1027,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tag = _ldm_tag(args)
     defaults = ldm_defaults(tag)
     n_steps = args.ldm_steps or defaults.steps
+    if args.ldm_steps is not None and args.ldm_steps < 1:
+        raise UsageError(f"--ldm-steps must be >= 1, got {args.ldm_steps}")
     capture = [k for k in defaults.capture if k <= n_steps] if args.capture_steps is None else args.capture_steps
+    bad = [k for k in capture if not 1 <= k <= n_steps]
+    if bad:
+        raise UsageError(f"--capture-steps must be in 1..{n_steps} (the LDM steps), got {bad}")
+    from .pipeline import check_seed
+
+    try:
+        check_seed(args.seed, len(prompts))
+    except ValueError:
+        raise UsageError(f"--seed {args.seed}: prompt i uses seed + i for the LDM, which must stay <= 2**64 - 1; "
+                         "use a smaller --seed") from None
     labels = [f"step_{k}" for k in sorted(set(capture))] + ["x0"]
     ctx, device = _start(args)
     batch = _Batch("generate", args, ctx)
-    pipe = ldm = None
-    make = _progress(args)
     mine = ctx.shard(len(prompts))
-    for idx in make(mine, desc="prompts", unit="prompt", disable=args.quiet or len(mine) < 2):
-        prompt = prompts[idx]
-        sub = folder / f"{idx:04d}_{_slug(prompt)}"
+    subs = {idx: folder / f"{idx:04d}_{_slug(prompts[idx])}" for idx in mine}
+    batch.clean(sub / "x0" for sub in subs.values())
+    todo = []
+    for idx in mine:
+        sub = subs[idx]
         targets = [sub / f"{label}.{fmt}" for label in labels]
         if all(_done(t, args) for t in targets):
             batch.skipped += 1
             continue
-        if pipe is None:
-            pipe = _load_pipeline(args, device, need_backbone=False)
-            ldm = load_ldm_pipeline(args.ldm_model or defaults.model, device=pipe.device, dtype=pipe.net.dtype)
-            if hasattr(ldm, "set_progress_bar_config"):
-                ldm.set_progress_bar_config(disable=args.quiet, leave=False, file=sys.stderr)
-        with batch.item(Path(f"prompt {idx}")):
-            results = pipe.generate(
-                prompt, ldm_pipeline=ldm, backbone=tag, resolution=resolution, ldm_steps=args.ldm_steps,
-                guidance_scale=args.guidance, capture_steps=capture, seed=args.seed, ldm_seed=args.seed + idx,
-                steps=args.steps, text_embedding=args.text_embedding,
-                return_baseline=args.compare or args.save_baseline, callback=_StepBar(make),
-            )
-            for result, target in zip(results, targets):
-                _write(target, result.image, result.baseline, args, fmt)
-    return batch.finish()
+        todo.append((Path(f"prompt {idx}"), sub / "prompt", lambda ts=targets: all(_done(t, args) for t in ts),
+                     (idx, targets)))
+
+    def setup(pipe, args):
+        ldm = load_ldm_pipeline(args.ldm_model or defaults.model, device=pipe.device, dtype=pipe.net.dtype)
+        if hasattr(ldm, "set_progress_bar_config"):
+            ldm.set_progress_bar_config(disable=args.quiet, leave=False, file=sys.stderr)
+        return ldm
+
+    make = _progress(args)
+
+    def work(pipe, ldm, idx, targets):
+        results = pipe.generate(
+            prompts[idx], ldm_pipeline=ldm, backbone=tag, resolution=resolution, ldm_steps=args.ldm_steps,
+            guidance_scale=args.guidance, capture_steps=capture, seed=args.seed, ldm_seed=args.seed + idx,
+            steps=args.steps, text_embedding=args.text_embedding,
+            return_baseline=args.compare or args.save_baseline, callback=_StepBar(make),
+        )
+        for result, target in zip(results, targets):
+            _write(target, result.image, result.baseline, args, fmt)
+
+    return _run_items(batch, args, todo, work, need_backbone=False, device=device, setup=setup,
+                      need_gemma=not args.text_embedding)
 
 
 cmd_generate.arguments = _generate_args
@@ -715,6 +1109,14 @@ def _multi_line_error(err: BaseException) -> bool:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    # huggingface_hub has a handler of its own and also propagates to ours: every message would print twice
+    logging.getLogger("huggingface_hub").handlers.clear()
+    import warnings
+
+    if not verbose:
+        # Library UserWarnings (torch's pickle-protocol notice, ...) are attributed to our modules through their
+        # stacklevel and say nothing the user can act on; our own messages go through logging. -v shows them.
+        warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -731,9 +1133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.verbose:
             logger.exception("failed")
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = _one_line(err)
         if _multi_line_error(err):  # these messages list what to download and where: print them whole
-            message = str(err).strip()
+            message = _cli_words(str(err).strip())
         print(f"pid-decoder {args.command}: error: {message}", file=sys.stderr)
         return 1
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 GATE_TYPES = ("sigma_aware_per_token", "sigma_aware_per_token_per_dim")
@@ -40,6 +43,23 @@ _REFERENCE_REQUIRED = {
 }
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(obj: Any) -> None:
+    """Every plain field holds its annotated type (a JSON config may say "1536" or 1536.0 or true)."""
+    for f in dataclasses.fields(obj):
+        allowed = _FIELD_TYPES.get(str(f.type))
+        value = getattr(obj, f.name)
+        if allowed is None:
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise TypeError(
+                f"{type(obj).__name__}.{f.name} must be {'a' if f.type != 'int' else 'an'} {f.type}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+
+
 @dataclass(frozen=True)
 class LQConfig:
     """The latent conditioning branch (LQ projection + gates) of a PiD net."""
@@ -57,6 +77,7 @@ class LQConfig:
     aux_rgb_head: bool = False  # training-only head; its weights are accepted and dropped
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.gate_type not in GATE_TYPES:
             raise ValueError(f"lq gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}")
         if self.padding_mode not in PADDING_MODES:
@@ -108,6 +129,9 @@ class NetConfig:
     lq: LQConfig | None = field(default_factory=LQConfig)
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        if self.lq is not None and not isinstance(self.lq, LQConfig):
+            raise TypeError(f"NetConfig.lq must be an LQConfig or None, got {type(self.lq).__name__}")
         if self.rope_mode not in ROPE_MODES:
             raise ValueError(f"rope_mode must be one of {ROPE_MODES}, got {self.rope_mode!r}")
         if self.hidden_size % self.num_groups or (self.hidden_size // self.num_groups) % 4:
@@ -168,6 +192,8 @@ class NetConfig:
         if "lq" not in data and ("lq_latent_channels" in data or "sr_scale" in data or "enable_ed" in data):
             return cls.from_reference(data)
         lq = data.pop("lq", None)
+        if lq is not None and not isinstance(lq, (LQConfig, Mapping)):
+            raise ValueError(f"NetConfig field lq must be an object of LQConfig fields or null, got {type(lq).__name__}")
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown NetConfig fields: {sorted(unknown)}")
@@ -240,9 +266,56 @@ class SamplerConfig:
     base_size: int = 2048
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.kind not in ("student", "teacher"):
             raise ValueError(f"sampler kind must be 'student' or 'teacher', got {self.kind!r}")
         if self.mode not in ("sde", "ode"):
             raise ValueError(f"sampler mode must be 'sde' or 'ode', got {self.mode!r}")
         if self.steps < 1:
             raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
+
+
+def load_net_config(source: NetConfig | Mapping[str, Any] | str | os.PathLike) -> NetConfig:
+    """A `NetConfig` from a NetConfig, a dict, or a JSON file (ours, the reference's network arguments, or a
+    golden/reference ``config.json`` with a ``"net"`` section).
+
+    Raises FileNotFoundError, PermissionError, TypeError (wrong kind of ``source``) or ValueError (not JSON, not
+    an object, unknown or ill-typed fields), each naming the file and what is wrong.
+    """
+    if isinstance(source, NetConfig):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        what = f"config file {str(path)!r}"
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ValueError(f"{what} is a directory without config.json; pass the JSON file (--config / config=)")
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{what} does not exist; pass a JSON file of network arguments (--config FILE / config=)"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except PermissionError:
+            raise PermissionError(f"cannot read {what}: permission denied") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} is not a UTF-8 text file (is it a weight file? --config takes a JSON file)") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{what} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+            ) from None
+    elif isinstance(source, Mapping):
+        data, what = dict(source), "config"
+    else:
+        raise TypeError(
+            f"config must be a NetConfig, a dict or the path of a JSON file, got {type(source).__name__}"
+        )
+    if isinstance(data, dict) and isinstance(data.get("net"), dict):  # a golden / reference config.json
+        data = data["net"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must hold a JSON object of network arguments, got a {type(data).__name__}")
+    try:
+        return NetConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} is not a valid network config: {err}") from None

@@ -4,19 +4,24 @@ Latent files hold one latent, (B, C, h, w) or (C, h, w):
 - ``.safetensors``: the tensor under the key ``latent``, or the file's only tensor;
 - ``.pt`` / ``.pth``: a tensor, or a dict with ``latent`` / a single tensor (``torch.load(weights_only=True)``);
 - ``.npy``: a numpy array.
+
+Errors: a missing file raises FileNotFoundError, an unreadable one PermissionError (or IsADirectoryError), and
+anything wrong with the content (not the format, truncated, Python objects, empty batch, NaN/inf) ValueError;
+each message names the file, what was wrong and what would be right.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoints import atomic_write
+from .atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +69,64 @@ def collect_inputs(paths: list[str | os.PathLike], suffixes: tuple[str, ...]) ->
 
 
 # --------------------------------------------------------------------------- images
+def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path, after checking it is an existing, readable, regular file (else the matching OSError)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except PermissionError:
+        raise PermissionError(
+            f"{what} {path} exists but cannot be read (permission denied); check its permissions"
+        ) from None
+    return path
+
+
 def read_image(path: str | os.PathLike):
-    """Open an image fully (so a truncated or corrupt file fails here, not later)."""
+    """Open an image fully (so a truncated or corrupt file fails here, not later).
+
+    Raises FileNotFoundError / PermissionError / IsADirectoryError for the file itself and ValueError when it is
+    not a complete image (unknown format, truncated, empty, too many pixels).
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
+    path = check_readable(path, "image")
+    if path.stat().st_size == 0:
+        raise ValueError(f"image {path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"image {path} is too large to open safely: {err}") from None
+    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"image {path} cannot be read (not a complete PNG/JPEG/WebP/...: {detail})") from None
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image {path} has no pixels ({image.width}x{image.height})")
+    return image
+
+
+def check_image(image, path: str | os.PathLike = "image", min_side: int = 16) -> None:
+    """Raise ValueError unless ``image`` converts to RGB and both sides are at least ``min_side`` pixels."""
+    from .backbones.images import _to_rgb8
+
+    w, h = image.size
+    if w < min_side or h < min_side:
+        raise ValueError(
+            f"{path}: image of {w}x{h} (WxH) is smaller than {min_side}x{min_side}, the smallest input the VAE "
+            "takes; use a larger image or ask for an output size (--size / --long-edge / --scale)"
+        )
+    try:
+        _to_rgb8(image.crop((0, 0, 1, 1)))
+    except Exception as err:
+        raise ValueError(f"{path}: image mode {image.mode!r} cannot be converted to RGB ({err})") from None
 
 
 def save_image(image, path: str | os.PathLike, fmt: str | None = None) -> Path:
@@ -110,9 +166,29 @@ def compare_image(baseline, result, labels: tuple[str, str] = ("VAE decode", "Pi
 
 
 # --------------------------------------------------------------------------- latents
-def load_latent(path: str | os.PathLike) -> torch.Tensor:
-    """A latent file -> float32 (B, C, h, w) tensor on the CPU (3-D files get a batch axis)."""
-    path = Path(path)
+def _torch_load_error(path: Path, err: BaseException) -> ValueError:
+    """A sentence for why ``torch.load(weights_only=True)`` refused a file."""
+    import re
+
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return ValueError(
+            f"{path} holds Python objects other than tensors ({found.group(1)}); they are not loaded because "
+            "unpickling them could run code. Save the latent as a plain tensor (torch.save(tensor, path)) or as "
+            ".safetensors"
+        )
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "Unsupported operand" in ln or "zip archive" in ln), "")
+    if not detail and lines and not lines[0].startswith("Weights only load failed") and len(lines[0]) < 160:
+        detail = lines[0]
+    detail = f" ({detail})" if detail else f" ({type(err).__name__})"
+    return ValueError(
+        f"{path} is not a readable torch file: corrupt, truncated or not written by torch.save{detail}"
+    )
+
+
+def _read_tensor(path: Path) -> torch.Tensor:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors import safe_open
@@ -123,19 +199,22 @@ def load_latent(path: str | os.PathLike) -> torch.Tensor:
                 key = LATENT_KEY if LATENT_KEY in keys else (keys[0] if len(keys) == 1 else None)
                 if key is None:
                     raise ValueError(
-                        f"{path} holds {len(keys)} tensors ({', '.join(keys[:5])}) and none is named {LATENT_KEY!r}; "
-                        f"save the latent under the key {LATENT_KEY!r}"
+                        f"{path} holds {len(keys)} tensors ({', '.join(keys[:5]) or 'none'}) and none is named "
+                        f"{LATENT_KEY!r}; save the latent under the key {LATENT_KEY!r}"
                     )
-                x = f.get_tensor(key)
+                return f.get_tensor(key)
         except ValueError:
             raise
         except Exception as err:  # safetensors raises its own error types for malformed files
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    elif suffix in (".pt", ".pth"):
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated: {detail})") from None
+    if suffix in (".pt", ".pth"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about old pickle protocols: not the user's concern here
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling / zip errors all mean "unreadable"
-            raise ValueError(f"{path} is not a readable torch file (weights_only): {str(err).splitlines()[0]}") from err
+            raise _torch_load_error(path, err) from None
         if isinstance(obj, dict):
             tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
             if LATENT_KEY in tensors:
@@ -143,24 +222,53 @@ def load_latent(path: str | os.PathLike) -> torch.Tensor:
             elif len(tensors) == 1:
                 obj = next(iter(tensors.values()))
             else:
-                raise ValueError(f"{path} holds a dict without a {LATENT_KEY!r} tensor (keys {list(obj)[:5]})")
+                raise ValueError(
+                    f"{path} holds a dict without a {LATENT_KEY!r} tensor (keys {[str(k) for k in list(obj)[:5]]}); "
+                    f"save the latent under the key {LATENT_KEY!r}"
+                )
         if not torch.is_tensor(obj):
-            raise ValueError(f"{path} does not hold a tensor (got {type(obj).__name__})")
-        x = obj
-    elif suffix == ".npy":
+            raise ValueError(f"{path} does not hold a tensor (got {type(obj).__name__}); save the latent tensor itself")
+        return obj
+    if suffix == ".npy":
         try:
-            x = torch.from_numpy(np.load(path, allow_pickle=False).copy())
+            array = np.load(path, allow_pickle=False)
         except Exception as err:
-            raise ValueError(f"{path} is not a readable .npy file: {err}") from err
-    else:
-        raise ValueError(f"{path}: unknown latent file type {suffix!r}; use {', '.join(LATENT_SUFFIXES)}")
-    if not x.is_floating_point():
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path} is not a readable .npy file ({detail}); save it with numpy.save") from None
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
+            raise ValueError(f"{path}: a latent must be a numeric array, got dtype {getattr(array, 'dtype', '?')}")
+        try:
+            return torch.from_numpy(array.copy())
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: dtype {array.dtype} cannot be a latent ({err})") from None
+    raise ValueError(f"{path}: unknown latent file type {suffix!r}; use {', '.join(LATENT_SUFFIXES)}")
+
+
+def load_latent(path: str | os.PathLike) -> torch.Tensor:
+    """A latent file -> float32 (B, C, h, w) tensor on the CPU (3-D files get a batch axis).
+
+    Refused (ValueError): unknown or broken files, non-tensors, non-float data, other ranks, an empty batch or
+    grid, NaN or infinite values. FileNotFoundError / PermissionError / IsADirectoryError for the file itself.
+    """
+    path = check_readable(path, "latent file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes)")
+    x = _read_tensor(path)
+    if not x.is_floating_point() or x.is_complex():
         raise ValueError(f"{path}: latent must be floating point, got {x.dtype}")
     if x.ndim == 3:
         x = x[None]  # (1, C, h, w)
     if x.ndim != 4:
         raise ValueError(f"{path}: latent must be (B, C, h, w) or (C, h, w), got shape {tuple(x.shape)}")
-    return x.float().contiguous()
+    if x.shape[0] == 0:
+        raise ValueError(f"{path}: the latent batch is empty (shape {tuple(x.shape)}); the file holds no latent")
+    if x.numel() == 0:
+        raise ValueError(f"{path}: the latent is empty (shape {tuple(x.shape)}); C, h and w must be >= 1")
+    x = x.float().contiguous()
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{path}: the latent contains {bad} NaN or infinite value(s); it cannot be decoded")
+    return x
 
 
 def save_latent(latent: torch.Tensor, path: str | os.PathLike) -> Path:

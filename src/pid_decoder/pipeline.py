@@ -41,8 +41,43 @@ StepCallback = Callable[[int, int], None]
 
 
 # --------------------------------------------------------------------------- device / dtype
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Raise ValueError unless ``device`` is "auto" or a device this machine has (cpu, cuda[:N], mps)."""
+    if device is None:
+        return
+    text = str(device).strip()
+    if text == "auto":
+        return
+    if not text:
+        raise ValueError("device is empty; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ValueError(f"unknown device {text!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text!r} requested but CUDA is not available on this machine; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {text!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(
+                f"device {text!r} requested but MPS (Apple GPU) is not available on this machine; use 'cpu'"
+            )
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu; anything else is passed to torch.device."""
+    """"auto" -> cuda if available, else mps, else cpu; else a device this machine has (`check_device`)."""
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -50,10 +85,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
-    return dev
+    check_device(device)
+    return torch.device(str(device).strip()) if not isinstance(device, torch.device) else device
+
+
+def check_seed(seed: Any, count: int = 1, name: str = "seed") -> int:
+    """``seed`` as an int, checked so that ``seed .. seed + count - 1`` are all valid generator seeds."""
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number in [0, 2**64 - 1], got {seed!r} ({type(seed).__name__})")
+    seed = int(seed)
+    if not 0 <= seed <= SEED_MAX - max(count - 1, 0):
+        last = f" (item seeds run up to {name} + {count - 1})" if count > 1 else ""
+        raise ValueError(f"{name} must be in [0, 2**64 - 1]{last}, got {seed}")
+    return seed
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -140,6 +186,78 @@ def resolve_noise_device(noise_device: str | torch.device, device: torch.device)
     return dev
 
 
+class PiDOutOfMemoryError(RuntimeError):
+    """A decode does not fit in the memory of its device (also after one retry with half the pixel chunk).
+
+    ``height``/``width`` are the output size, ``device`` where it ran; ``needed``/``available`` (bytes) are set when
+    the up-front check refused it.
+    """
+
+    def __init__(self, message: str, *, height: int, width: int, device: torch.device, needed: int | None = None,
+                 available: int | None = None):
+        super().__init__(message)
+        self.height, self.width, self.device = height, width, device
+        self.needed, self.available = needed, available
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that a new allocation can still get on ``device`` (None when unknown).
+
+    CUDA: the free device memory. CPU: the smallest of the kernel's MemAvailable, the cgroup's limit minus its
+    usage (containers) and the address-space limit (``ulimit -v``) minus the process's size.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    limits: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        cg = Path("/sys/fs/cgroup")
+        limit, usage = (cg / "memory.max").read_text().strip(), (cg / "memory.current").read_text().strip()
+        if limit != "max":
+            limits.append(max(int(limit) - int(usage), 0))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            size = 0
+            with open("/proc/self/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmSize:"):
+                        size = int(line.split()[1]) * 1024
+            limits.append(max(soft - size, 0))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def minimum_memory(height: int, width: int, batch: int = 1) -> int:
+    """A lower bound of the activation memory of one decode of ``height x width``: whatever the chunk or tiling,
+    the student loop holds the image, its velocity, its x0 estimate and the step noise (float32, 3 channels)."""
+    return 4 * batch * 3 * height * width * 4
+
+
 def _bf16_round(latent: torch.Tensor) -> torch.Tensor:
     # parity: the reference hands PiD (and the baseline decoder) the latent cast to bf16.
     return latent.to(torch.bfloat16).float()
@@ -206,6 +324,7 @@ class PiDPipeline:
         self.backbone = backbone
         self._text_encoder = text_encoder
         self.negative_embedding = negative_embedding
+        self.text_encoder_offline: bool | None = None  # True: Gemma only from local files (None: HF_HUB_OFFLINE)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -283,7 +402,10 @@ class PiDPipeline:
         if backbone is None and name is not None and backbone_path is None:  # preset known only from the file
             backbone_path = weights.resolve([weights.backbone_spec(name)], weights_dir, allow_download=allow_download)[0]
         bb = _make_backbone(name, backbone if backbone is not None else backbone_path, dev, dt)
-        return cls(net, preset, bb, text_encoder, backbone_name=name, noise_device=noise_device, **options)
+        pipe = cls(net, preset, bb, text_encoder, backbone_name=name, noise_device=noise_device, **options)
+        if allow_download is False:
+            pipe.text_encoder_offline = True
+        return pipe
 
     # ------------------------------------------------------------------ properties
     @property
@@ -298,7 +420,7 @@ class PiDPipeline:
 
     def generator(self, seed: int, device: torch.device | None = None) -> torch.Generator:
         """A generator seeded ``seed`` on the noise device (or on ``device`` where a caller needs one there)."""
-        return torch.Generator(device=device or self.noise_device).manual_seed(int(seed))
+        return torch.Generator(device=device or self.noise_device).manual_seed(check_seed(seed))
 
     @property
     def scale(self) -> int | None:
@@ -311,7 +433,7 @@ class PiDPipeline:
 
         if not isinstance(self._text_encoder, TextEncoder):
             model = self._text_encoder if self._text_encoder is not None else DEFAULT_TEXT_ENCODER
-            self._text_encoder = TextEncoder(model, device=self.device)
+            self._text_encoder = TextEncoder(model, device=self.device, local_files_only=self.text_encoder_offline)
         return self._text_encoder
 
     def _require_backbone(self, what: str):
@@ -355,6 +477,49 @@ class PiDPipeline:
         return self.text_encoder.encode_negative(batch)
 
     # ------------------------------------------------------------------ sampling
+    def check_steps(self, steps: int | None) -> int:
+        """The number of sampler steps to run: ``steps`` checked against this sampler, or the preset's."""
+        from .sampling import check_steps
+
+        if steps is None:
+            return self.sampler.steps
+        return check_steps(steps, self.max_steps)
+
+    @property
+    def max_steps(self) -> int | None:
+        """The most steps the sampler can take: the distilled student's schedule length; None for the teacher."""
+        from .sampling import STUDENT_T_LIST
+
+        return len(STUDENT_T_LIST) - 1 if self.sampler.kind == "student" else None
+
+    def check_memory(self, height: int, width: int) -> None:
+        """Refuse (`PiDOutOfMemoryError`) an output whose unavoidable tensors cannot fit in the device's memory."""
+        available = available_memory(self.device)
+        if available is None:
+            return
+        needed = minimum_memory(height, width)
+        if needed > available:
+            raise PiDOutOfMemoryError(
+                f"an output of {width}x{height} needs at least {_gib(needed)} on {self.device} for the image "
+                f"tensors alone, but only {_gib(available)} is available; decode a smaller output (upscale: "
+                f"scale=, size=, long_edge=; decode: a smaller latent) or use a device with more memory "
+                f"(max_memory= and tile= bound the network's activations, not these tensors)",
+                height=height, width=width, device=self.device, needed=needed, available=available,
+            )
+
+    def _auto_chunk(self, height: int, width: int) -> int:
+        """The pixel-pathway chunk (patch tokens) `sample` chooses by itself for this output (or its tile)."""
+        from .model.memory import choose_chunk
+
+        ps = self.net.config.patch_size
+        if self._tiled(height, width):
+            th, tw = (self.tile, self.tile) if isinstance(self.tile, int) else self.tile
+            height, width = min(th, height), min(tw, width)
+        tokens = (height // ps) * (width // ps)
+        factor = 2 if self.sampler.kind == "teacher" and self.sampler.cfg_scale != 1.0 else 1
+        chunk = choose_chunk(self.net.config, factor * tokens, self.device, self.net.dtype, self.max_memory)
+        return factor * tokens if chunk is None else chunk
+
     def _sample(
         self,
         latent: torch.Tensor,
@@ -365,13 +530,44 @@ class PiDPipeline:
         callback: StepCallback | None,
         chunk: int | None,
     ) -> torch.Tensor:
-        """One item: (1, C, h, w) latent -> (1, 3, H, W) in [-1, 1]; noise from a generator seeded ``seed``."""
+        """One item: (1, C, h, w) latent -> (1, 3, H, W) in [-1, 1]; noise from a generator seeded ``seed``.
+
+        An out-of-memory error retries once with half the pixel-pathway chunk (same seed, same image).
+        """
+        height, width = self.net.output_size(tuple(latent.shape[-2:]))
+        steps = self.check_steps(steps)
+        try:
+            return self._sample_once(latent, text, sigma, seed, steps, callback, chunk, height, width)
+        except Exception as err:
+            if not _is_oom(err):
+                raise
+            first = err
+        used = chunk if chunk is not None else self._auto_chunk(height, width)
+        half = max(1, used // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.warning("out of memory decoding %dx%d on %s with a pixel chunk of %d patch tokens (%s); retrying "
+                       "once with half the chunk (%d)", width, height, self.device, used,
+                       str(first).splitlines()[0] if str(first) else type(first).__name__, half)
+        try:
+            return self._sample_once(latent, text, sigma, seed, steps, callback, half, height, width)
+        except Exception as err:
+            if not _is_oom(err):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise PiDOutOfMemoryError(
+                f"out of memory decoding {width}x{height} on {self.device}, also with half the pixel chunk ({half} "
+                "patch tokens); pass a smaller max_memory= budget, tile= for the approximate tiled decode, or decode "
+                "a smaller output",
+                height=height, width=width, device=self.device,
+            ) from err
+
+    def _sample_once(self, latent, text, sigma, seed, steps, callback, chunk, height, width) -> torch.Tensor:
         from .sampling import sample, sample_teacher
 
-        height, width = self.net.output_size(tuple(latent.shape[-2:]))
         generator = self.generator(seed)
         cfg = self.sampler
-        steps = cfg.steps if steps is None else int(steps)
         common = {"height": height, "width": width, "steps": steps, "generator": generator, "chunk": chunk,
                   "max_memory": self.max_memory, "callback": callback}
         if cfg.kind == "student":
@@ -402,6 +598,10 @@ class PiDPipeline:
             raise ValueError(f"latents must be a torch.Tensor (B, C, h, w), got {type(latents).__name__}")
         if latents.ndim == 3:
             latents = latents[None]
+        if latents.ndim == 4 and latents.shape[0] == 0:
+            raise ValueError(f"latents hold an empty batch (shape {tuple(latents.shape)}); give at least one latent")
+        if latents.ndim == 4 and latents.numel() == 0:
+            raise ValueError(f"latents have an empty grid (shape {tuple(latents.shape)}); h and w must be >= 1")
         if self.backbone is not None:
             self.backbone.check_latent(latents)
         elif self.backbone_name is not None:
@@ -455,8 +655,11 @@ class PiDPipeline:
         latents = self._check_latent(latents)
         batch = latents.shape[0]
         sigmas = self._sigmas(sigma, batch)
-        text = self.encode_text(prompt, text_embedding, batch)
+        check_seed(seed, batch)
+        self.check_steps(steps)
         backbone = self._require_backbone("return_baseline=True") if return_baseline else None
+        self.check_memory(*self.net.output_size(tuple(latents.shape[-2:])))
+        text = self.encode_text(prompt, text_embedding, batch)
         images, baselines = [], []
         for i in range(batch):
             latent = _bf16_round(latents[i : i + 1])
@@ -480,6 +683,9 @@ class PiDPipeline:
         index_offset: int = 0,
         callback: StepCallback | None = None,
         chunk: int | None = None,
+        scale: int | None = None,
+        size: tuple[int, int] | None = None,
+        long_edge: int | None = None,
     ):
         """Images -> VAE encode -> (noise at σ) -> PiD at the preset's scale (the reference's ``from_clean``).
 
@@ -487,6 +693,12 @@ class PiDPipeline:
         to its normalised latent, noised at ``sigma`` with a generator seeded ``seed + index`` (on the noise device) (no draw at
         σ = 0), and decoded with PiD seeded ``seed + index``, index = ``index_offset + i``. Default seed 5 as the
         reference. Returns PIL images (and the baselines: the backbone's decode of the same latent).
+
+        Output size (at most one; default input x the preset's scale): ``scale`` (1 .. the preset's scale; 2 on a
+        4x preset resizes the input to half its size and runs the 4x decoder), ``size`` (W, H) or ``long_edge``
+        (aspect kept). The input is resized (Lanczos, covering, centre-cropped) to output / preset scale; an output
+        that is not a multiple of 16 x the preset's scale is snapped to the nearest one, with a logged warning
+        (`plan_upscale_size`).
         """
         from PIL import Image
 
@@ -499,12 +711,33 @@ class PiDPipeline:
         images = list(images)
         if not all(isinstance(im, Image.Image) for im in images):
             raise ValueError("upscale takes a PIL image or a list of PIL images")
+        if not images:
+            raise ValueError("upscale got an empty list of images; give at least one")
         if not 0.0 <= float(sigma) <= 1.0:
             raise ValueError(f"sigma must be in [0, 1], got {sigma}")
+        check_seed(seed, index_offset + len(images))
+        self.check_steps(steps)
+        plans = []
+        for image in images:
+            resize, out_size, message = plan_upscale_size(
+                image.size, preset_scale=self.scale, multiple=backbone.image_multiple, scale=scale, size=size,
+                long_edge=long_edge,
+            )
+            if out_size[0] <= 0 or out_size[1] <= 0:
+                raise ValueError(
+                    f"image of {image.size[0]}x{image.size[1]} (WxH) is smaller than the required multiple of "
+                    f"{backbone.image_multiple} pixels"
+                )
+            if message:
+                logger.warning("%s", message)
+            self.check_memory(out_size[1], out_size[0])
+            plans.append(resize)
         text = self.encode_text(prompt, text_embedding, len(images))
         outs, baselines = [], []
         for i, image in enumerate(images):
             index = index_offset + i
+            if plans[i] is not None:
+                image = resize_cover(image, plans[i])
             x = image_to_tensor(image, backbone.image_multiple)  # (1, 3, H, W)
             clean = backbone.encode(x)  # (1, C, h, w)
             noisy = backbone.add_noise(clean.float(), float(sigma), self.generator(seed + index))
@@ -666,6 +899,68 @@ class PiDPipeline:
                 baseline = tensor_to_image(baseline_backbone.decode(latent)) if baseline_backbone else None
                 results.append(Decoded(label, float(sigma), latent, image, baseline))
         return results
+
+
+def plan_upscale_size(
+    image_size: tuple[int, int],
+    *,
+    preset_scale: int,
+    multiple: int = 16,
+    scale: int | None = None,
+    size: tuple[int, int] | None = None,
+    long_edge: int | None = None,
+) -> tuple[tuple[int, int] | None, tuple[int, int], str]:
+    """Where an upscale's input must be resized for the requested output (all sizes W x H).
+
+    At most one of ``scale`` (output = input x scale, 1 .. preset_scale: 2 on a 4x preset runs the 4x decoder on
+    a half-size input), ``size`` (output W x H) and ``long_edge`` (output long side, aspect kept). The output is
+    snapped to the nearest multiple of ``multiple x preset_scale`` (what the preset can produce).
+
+    Returns (input size to resize to, or None for the reference's plain centre-crop; output size; a message when
+    the request was snapped, else "").
+    """
+    given = [n for n, v in (("scale", scale), ("size", size), ("long_edge", long_edge)) if v is not None]
+    w, h = image_size
+    if not given:
+        crop = (w // multiple * multiple, h // multiple * multiple)
+        return None, (crop[0] * preset_scale, crop[1] * preset_scale), ""
+    if len(given) > 1:
+        raise ValueError(f"give at most one of scale, size and long_edge, got {', '.join(given)}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= preset_scale:
+            raise ValueError(f"scale must be a whole number in 1..{preset_scale} (this preset's factor), got {scale!r}")
+        want = (w * scale, h * scale)
+    elif size is not None:
+        want = tuple(size)
+        if len(want) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in want):
+            raise ValueError(f"size must be a (width, height) pair of positive ints, got {size!r}")
+    else:
+        if isinstance(long_edge, bool) or not isinstance(long_edge, int) or long_edge <= 0:
+            raise ValueError(f"long_edge must be a positive int, got {long_edge!r}")
+        want = (long_edge, round(long_edge * h / w)) if w >= h else (round(long_edge * w / h), long_edge)
+    step = multiple * preset_scale
+    out = tuple(max(step, round(v / step) * step) for v in want)
+    message = ""
+    if out != want:
+        message = (f"requested output {want[0]}x{want[1]} snapped to {out[0]}x{out[1]} (this preset produces "
+                   f"multiples of {step} px)")
+    return (out[0] // preset_scale, out[1] // preset_scale), out, message
+
+
+def resize_cover(image: Any, size: tuple[int, int]) -> Any:
+    """Resize (Lanczos) a PIL image to cover ``size`` (W, H) keeping its aspect, then centre-crop to exactly it."""
+    from PIL import Image
+
+    from .backbones.images import _to_rgb8
+
+    rgb = _to_rgb8(image)
+    w, h = rgb.size
+    factor = max(size[0] / w, size[1] / h)
+    cover = (max(size[0], round(w * factor)), max(size[1], round(h * factor)))
+    if cover != (w, h):
+        rgb = rgb.resize(cover, Image.LANCZOS)
+    left, top = (cover[0] - size[0]) // 2, (cover[1] - size[1]) // 2
+    return rgb.crop((left, top, left + size[0], top + size[1]))
 
 
 def _make_backbone(name: str | None, source: Any, device: torch.device | None, dtype: torch.dtype | None):

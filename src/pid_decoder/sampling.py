@@ -23,14 +23,31 @@ TIMESCALE = 1000.0
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 
 
+def check_steps(steps: object, max_steps: int | None = None, name: str = "steps") -> int:
+    """``steps`` as an int: a whole number >= 1 (and <= ``max_steps`` when given), else TypeError/ValueError."""
+    import numbers
+
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number of sampler steps, got {steps!r} ({type(steps).__name__})")
+    steps = int(steps)
+    if max_steps is not None and not 1 <= steps <= max_steps:
+        raise ValueError(
+            f"{name} must be in 1..{max_steps} for the distilled student (its schedule has {max_steps} steps: "
+            f"t = {', '.join(f'{t:g}' for t in STUDENT_T_LIST)}), got {steps}"
+        )
+    if steps < 1:
+        raise ValueError(f"{name} must be >= 1, got {steps}")
+    return steps
+
+
 def student_t_list(steps: int, t_list: Sequence[float] = STUDENT_T_LIST) -> torch.Tensor:
     """The student's time points for ``steps`` steps (float32, ending at 0).
 
     One step uses t = 1.0; otherwise the points are picked from ``t_list`` at indices
-    ``round(linspace(0, len - 1, steps + 1))`` (round half to even), duplicates kept.
+    ``round(linspace(0, len - 1, steps + 1))`` (round half to even), duplicates kept. This is the reference's
+    rule for any ``steps``; the samplers refuse more steps than the schedule has (they would repeat time points).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = check_steps(steps)
     if steps == 1:
         # parity: the reference's one-step path uses t = 1.0, not the list's 0.999.
         return torch.tensor([1.0, 0.0], dtype=torch.float32)
@@ -48,8 +65,7 @@ def dynamic_shift(height: int, width: int, base_shift: float = 6.0, base_size: i
 
 def teacher_time_grid(steps: int, shift: float) -> torch.Tensor:
     """DPM-Solver "time_uniform_flow" grid, float32, from t(s = 0.999) down to exactly 0 (steps + 1 points)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = check_steps(steps)
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     # parity: float32 arithmetic throughout, as the reference computes it.
@@ -136,6 +152,7 @@ def sample(
         raise ValueError("sample() is the PiD student sampler; PixelDiT (no latent input) uses sample_teacher()")
     if mode not in ("sde", "ode"):
         raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
+    steps = check_steps(steps, len(STUDENT_T_LIST) - 1)
     cond = net.prepare(text, lq_latent, degrade_sigma, height, width, window=window)
     chunk = _resolve_chunk(net, cond, chunk, max_memory)
     shape = (cond.batch, net.config.in_channels, height, width)
@@ -166,7 +183,7 @@ def student_loop(
     """
     if mode not in ("sde", "ode"):
         raise ValueError(f"mode must be 'sde' or 'ode', got {mode!r}")
-    t_list = student_t_list(steps)
+    t_list = student_t_list(check_steps(steps, len(STUDENT_T_LIST) - 1))
     n_draws = sum(1 for t in t_list[1:].tolist() if t > 0)
     if step_noise is not None and mode == "sde" and len(step_noise) < n_draws:
         raise ValueError(f"step_noise must hold {n_draws} tensors for {steps} steps, got {len(step_noise)}")

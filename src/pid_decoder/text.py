@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +98,8 @@ def save_text_embedding(
     """
     from safetensors.torch import save
 
+    from .atomic import atomic_write_bytes
+
     emb = _check_embedding(embedding, f"embedding for {path}")
     if emb.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"text embedding must be float32 or bfloat16, got {emb.dtype}; convert it with .float() first")
@@ -113,7 +114,7 @@ def save_text_embedding(
     }
     data = save({EMBEDDING_KEY: emb.detach().to("cpu").contiguous()}, metadata=metadata)
     path = Path(path)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -127,11 +128,23 @@ def load_text_embedding(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str
     """
     from safetensors import safe_open
 
+    from .checkpoints import check_weight_path, file_kind
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"text embedding must be the path of a .safetensors file, got {type(path).__name__}")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"text embedding file {str(path)!r} does not exist; "
             'create one with `pid-decoder embed "your prompt" -o emb.safetensors`'
+        )
+    head = check_weight_path(path, "text embedding file", flag="--text-embedding", param="text_embedding")
+    kind = file_kind(head, path.stat().st_size)
+    if kind != "safetensors":
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors file (it looks like {kind}); expected the text embedding "
+            "file "
+            'written by `pid-decoder embed "your prompt" -o emb.safetensors` (API: save_text_embedding)'
         )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -139,14 +152,14 @@ def load_text_embedding(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str
             keys = list(f.keys())
             if EMBEDDING_KEY not in keys:
                 raise ValueError(
-                    f"{str(path)!r} has no tensor {EMBEDDING_KEY!r} (found {keys}); it is not a text embedding "
+                    f"{str(path)!r} has no tensor {EMBEDDING_KEY!r} (found {keys[:8]}); it is not a text embedding "
                     'file. Create one with `pid-decoder embed "your prompt" -o emb.safetensors`'
                 )
             emb = f.get_tensor(EMBEDDING_KEY)
     except ValueError:
         raise
     except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
     fmt = metadata.get("format")
     if fmt is not None and fmt != EMBEDDING_FORMAT:
         raise ValueError(f"{str(path)!r} has format {fmt!r}, expected {EMBEDDING_FORMAT!r}")
@@ -183,18 +196,6 @@ def _check_embedding(emb: Any, what: str) -> torch.Tensor:
     if not torch.isfinite(emb).all():
         raise ValueError(f"{what}: contains NaN or infinite values")
     return emb
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,8 +284,12 @@ class TextEncoder:
             raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
         if cache_dir is True:
             raise ValueError("cache_dir must be a folder, None (default folder) or False (no cache), got True")
+        from .checkpoints import check_device
+
+        if not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"model must be a folder or a hub id (str), got {type(model).__name__}")
         self.model = os.fspath(model)
-        self.device = torch.device(device)
+        self.device = check_device(device)  # before any loading: "cuda" without CUDA names the devices there are
         self.dtype = dtype
         self.revision = revision
         self.local_files_only = local_files_only
@@ -383,14 +388,16 @@ class TextEncoder:
     def _missing(self, reason: str) -> MissingTextEncoderError:
         repo = self.model if self._is_hub_id() else DEFAULT_TEXT_ENCODER
         return MissingTextEncoderError(
-            f"The text encoder {self.model!r} is needed to embed a prompt that is not in the embedding cache, "
-            f"but {reason}. Either:\n"
-            f"  - download it: `hf download {repo} --local-dir ./gemma-2-2b-it` (or "
-            f"`huggingface-cli download {repo} --local-dir ./gemma-2-2b-it`) and pass that folder as the text "
-            "encoder model (about 5 GB);\n"
-            "  - allow downloads on first use (unset HF_HUB_OFFLINE / do not pass local_files_only=True);\n"
+            f"The text encoder {self.model!r} (Gemma-2-2b-it, about 5 GB) is needed to embed a prompt that is not in "
+            f"the embedding cache (the empty default prompt too), but {reason}. Either:\n"
+            f"  - download it: `hf download {repo} --local-dir ./gemma-2-2b-it` (older huggingface_hub: "
+            f"`huggingface-cli download {repo} --local-dir ./gemma-2-2b-it`) and pass that folder: "
+            "--text-encoder ./gemma-2-2b-it on the command line, text_encoder= (PiDPipeline) or "
+            "TextEncoder(model=...) in the API;\n"
+            "  - allow downloads on first use: unset HF_HUB_OFFLINE (API: TextEncoder(local_files_only=False));\n"
             '  - or embed the prompt where Gemma is available with `pid-decoder embed "your prompt" -o '
-            "emb.safetensors` and give that file instead of the prompt."
+            "emb.safetensors` and pass that file: --text-embedding emb.safetensors on the command line, "
+            "text_embedding= in the API."
         )
 
     def _load(self) -> None:
@@ -404,6 +411,8 @@ class TextEncoder:
             raise self._missing(f"the folder {str(folder)!r} does not exist")
         offline = self._offline()
         source = str(folder) if folder.is_dir() else self.model
+        if not offline and not folder.is_dir():
+            offline = self._hub_unreachable()
         logger.info(
             "loading text encoder %s (%s) on %s%s", source, str(self.dtype), self.device, " offline" if offline else ""
         )
@@ -432,6 +441,30 @@ class TextEncoder:
         self._tokenizer = tokenizer
         self._identity = None  # the commit is known now that the files are in the HF cache
 
+    def _hub_unreachable(self) -> bool:
+        """One short probe of the hub before transformers asks it for every file (and retries each, for
+        minutes, without a network). Unreachable: load from the HF cache, or fail at once if it is not there."""
+        from huggingface_hub import try_to_load_from_cache
+
+        from .weights import HubUnreachable, _hub_probe
+
+        try:
+            _hub_probe(self.model, "config.json")
+        except HubUnreachable as err:
+            try:
+                cached = try_to_load_from_cache(self.model, "config.json", revision=self.revision)
+            except (ValueError, OSError):
+                cached = None
+            if not isinstance(cached, str):
+                raise self._missing(
+                    f"the hub could not be reached ({err}) and it is not in the local Hugging Face cache"
+                ) from None
+            logger.info("the hub could not be reached (%s): loading %s from the local cache", err, self.model)
+            return True
+        except Exception as err:  # an answer about the repo (404, gated): transformers reports it in full below
+            logger.debug("hub probe for %s: %s", self.model, err)
+        return False
+
     def _prepare(self) -> None:
         if self._prepared:
             return
@@ -456,6 +489,20 @@ class TextEncoder:
             torch.cuda.empty_cache()
 
     # -- encoding ---------------------------------------------------------------------------------
+
+    def needs_model(self, prompts: str | Sequence[str]) -> bool:
+        """True when embedding ``prompts`` would load Gemma: it is not loaded and some prompt is not in the cache.
+
+        Reads only the cache's file names and metadata (no model, no network), so a caller can list Gemma among
+        the files a run needs before loading anything (`weights.check_run_files(needs_text_encoder=...)`).
+        """
+        prompts = _check_prompts(prompts)
+        if self.loaded:
+            return False
+        if self._cache is None:
+            return True
+        identity = self.identity
+        return any(self._cache.get(identity, p) is None for p in dict.fromkeys(prompts))
 
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Embed prompts (the CHI prefix is added here). Returns (B, 300, D) float32 on the CPU.

@@ -84,6 +84,10 @@ def load_backbone(
         raise ValueError("pass either path= or module=, not both")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if device is not None:
+        from ..checkpoints import check_device
+
+        device = check_device(device)  # "cuda" without CUDA: a ValueError naming the devices there are
     kwargs = dict(module=module, config=config, device=device, dtype=dtype)
     if canonical in ("flux", "sd3", "sdxl"):
         from .vae import load_kl

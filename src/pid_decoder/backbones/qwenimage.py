@@ -4,7 +4,8 @@ Legend: B batch, T=1 frame, H/W pixels, h/w = H/8, W/8.
 
 PiD latent z = (μ − mean[c]) / std[c] with the 16-vectors of the diffusers config. For one frame the
 causal convolutions only see their last temporal tap, so diffusers' 5-D VAE on x[:, :, None] equals the
-reference's 2-D port.
+reference's 2-D port; the reference's 2-D weight file (QwenImage_VAE_2d.pth) is converted to the 3-D layout on
+load (`state_2d_to_3d`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..keys import listing
 from .base import BACKBONE_INFO, Backbone
 from .vae import check_module_class, load_vae, prepare_module, resolve_device_dtype
 from .weights import shipped_config
@@ -28,10 +30,112 @@ LATENTS_STD: tuple[float, ...] = tuple(_CONFIG["latents_std"])
 
 def _refuse_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     raise ValueError(
-        "this file is not in the diffusers AutoencoderKLQwenImage layout. The qwenimage backbone loads the "
-        "diffusers weights of Qwen/Qwen-Image/vae (folder or diffusion_pytorch_model.safetensors); the reference's "
-        "2-D QwenImage_VAE_2d.pth is not supported."
+        "this file is not in the diffusers AutoencoderKLQwenImage layout nor in the reference's 2-D layout "
+        "(QwenImage_VAE_2d.pth). The qwenimage backbone loads the diffusers weights of Qwen/Qwen-Image/vae (folder "
+        "or diffusion_pytorch_model.safetensors) or the reference's checkpoints/QwenImage_VAE_2d.pth."
     )
+
+
+# ------------------------------------------------------------------ the reference's 2-D port (backbones.md §8)
+_RESIDUAL_2D = (("norm1.gamma", "residual.0.gamma"), ("conv1.", "residual.2."), ("norm2.gamma", "residual.3.gamma"),
+                ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut."))
+_MID_2D = {"resnets.0.": "middle.0.", "attentions.0.": "middle.1.", "resnets.1.": "middle.2."}
+
+
+def _residual_2d(rest: str) -> str:
+    for name3, name2 in _RESIDUAL_2D:
+        if rest.startswith(name3):
+            return name2 + rest[len(name3):]
+    return rest
+
+
+def name_2d(key: str, num_res_blocks: int) -> str | None:
+    """The reference 2-D port's name of a diffusers `AutoencoderKLQwenImage` key; None for ``time_conv`` (3-D only)."""
+    if ".time_conv." in key:
+        return None
+    top = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2.", "encoder.conv_in.": "encoder.conv1.",
+           "decoder.conv_in.": "decoder.conv1.", "encoder.conv_out.": "encoder.head.2.",
+           "decoder.conv_out.": "decoder.head.2.", "encoder.norm_out.": "encoder.head.0.",
+           "decoder.norm_out.": "decoder.head.0."}
+    for name3, name2 in top.items():
+        if key.startswith(name3):
+            return name2 + key[len(name3):]
+    part, _, rest = key.partition(".")  # "encoder" / "decoder"
+    if rest.startswith("mid_block."):
+        rest = rest[len("mid_block."):]
+        for name3, name2 in _MID_2D.items():
+            if rest.startswith(name3):
+                inner = rest[len(name3):]
+                return f"{part}.{name2}{_residual_2d(inner) if name3.startswith('resnets') else inner}"
+        return key
+    fields = rest.split(".")
+    if part == "encoder" and fields[0] == "down_blocks":
+        return f"encoder.downsamples.{fields[1]}.{_residual_2d('.'.join(fields[2:]))}"
+    if part == "decoder" and fields[0] == "up_blocks":
+        level, per_level = int(fields[1]), num_res_blocks + 2  # R + 1 residual blocks and the upsampler
+        if fields[2] == "resnets":
+            return f"decoder.upsamples.{level * per_level + int(fields[3])}.{_residual_2d('.'.join(fields[4:]))}"
+        if fields[2] == "upsamplers":  # upsamplers.0.resample.1.*
+            return f"decoder.upsamples.{level * per_level + num_res_blocks + 1}.{'.'.join(fields[4:])}"
+    return key
+
+
+def state_3d_to_2d(state: dict[str, torch.Tensor], num_res_blocks: int) -> dict[str, torch.Tensor]:
+    """diffusers 3-D state -> the reference's 2-D layout: last temporal tap of each kernel, (C,1,1) RMS gammas."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        key2 = name_2d(key, num_res_blocks)
+        if key2 is None:
+            continue
+        if t.ndim == 5:
+            t = t[:, :, -1]  # (O, I, kh, kw): a causal conv on one frame only sees its last tap
+        elif key2.endswith("gamma") and t.ndim == 4:
+            t = t.reshape(t.shape[0], 1, 1)
+        out[key2] = t.clone()
+    return out
+
+
+def state_2d_to_3d(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The reference's 2-D state dict -> ``model``'s (an `AutoencoderKLQwenImage`) 3-D state dict.
+
+    Every 2-D key must be used and every 3-D key found (else a ValueError names them, in the file's 2-D names).
+    Each 2-D kernel goes in the last temporal tap, the other taps are zero, and ``time_conv`` (never evaluated
+    on a single frame) is zero: exact for images (T = 1), which is all PiD decodes.
+    """
+    expected = model.state_dict()
+    blocks = int(model.config.num_res_blocks)
+    out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    used: set[str] = set()
+    for key, ref in expected.items():
+        key2 = name_2d(key, blocks)
+        if key2 is None:  # time_conv
+            out[key] = torch.zeros_like(ref)
+            continue
+        if key2 not in state:
+            missing.append(key2)
+            continue
+        used.add(key2)
+        t = state[key2]
+        if ref.ndim == 5 and t.ndim == 4 and tuple(t.shape) == (ref.shape[0], ref.shape[1], *ref.shape[3:]):
+            full = torch.zeros(ref.shape, dtype=t.dtype)
+            full[:, :, -1] = t  # (O, I, T, kh, kw): causal padding puts the single frame at the last tap
+            t = full
+        elif key.endswith("gamma") and t.numel() == ref.numel() and t.ndim != ref.ndim:
+            t = t.reshape(ref.shape)
+        out[key] = t
+    unexpected = [k for k in state if k not in used]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {listing(unexpected)}")
+        raise ValueError(
+            "this file is in the reference's 2-D Qwen-Image VAE layout (QwenImage_VAE_2d.pth) but does not match "
+            f"the qwenimage architecture ({'; '.join(problems)}). Is it the VAE of another model?"
+        )
+    return out
 
 
 class QwenImageBackbone(Backbone):
@@ -75,7 +179,8 @@ def load_qwenimage(
 ) -> QwenImageBackbone:
     if module is None:
         module = load_vae(
-            BACKBONE_INFO["qwenimage"], "AutoencoderKLQwenImage", path, config, "qwenimage_vae.json", _refuse_ldm
+            BACKBONE_INFO["qwenimage"], "AutoencoderKLQwenImage", path, config, "qwenimage_vae.json", _refuse_ldm,
+            state_2d_to_3d,
         )
         device, dtype = resolve_device_dtype(None, device, dtype)
     else:

@@ -33,6 +33,7 @@ from .weights import (
     missing_file,
     read_config,
     read_state_dict,
+    read_tensor_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -179,8 +180,8 @@ def _as_map(stat: torch.Tensor, channels: int) -> torch.Tensor:
 
 def read_stats(path: Path, channels: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`stat.pt` -> (mean, √(var + 1e-5)), each (C, g, g) or (C,)."""
-    stats = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(stats, dict) or "mean" not in stats or "var" not in stats:
+    stats = read_tensor_file(path, "dinov2", "the RAE statistics file stat.pt (a dict with 'mean' and 'var')")
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), torch.Tensor) for k in ("mean", "var")):
         found = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
         raise ValueError(f"{str(path)!r} must be a dict with 'mean' and 'var' tensors (RAE stat.pt), got {found}")
     mean, var = stats["mean"].float(), stats["var"].float()

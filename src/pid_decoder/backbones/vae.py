@@ -23,10 +23,11 @@ from .base import BACKBONE_INFO, Backbone, BackboneInfo
 from .weights import (
     diffusers_folder,
     find_file,
+    hub_offline,
     is_ldm_layout,
+    is_wan_2d_layout,
     load_checked,
     missing_file,
-    offline,
     read_config,
     read_state_dict,
 )
@@ -62,10 +63,12 @@ def load_vae(
     config: str | Path | dict | None,
     default_config: str,
     convert_ldm: Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]],
+    convert_2d: Callable[[dict[str, torch.Tensor], torch.nn.Module], dict[str, torch.Tensor]] | None = None,
 ) -> torch.nn.Module:
     """Build a diffusers VAE `class_name` from `path`: a diffusers folder, or a single weight file.
 
-    A single file may be in diffusers or BFL/LDM layout; the latter goes through `convert_ldm`. Its
+    A single file may be in diffusers or BFL/LDM layout; the latter goes through `convert_ldm`. A file in the
+    reference's 2-D Wan layout (``QwenImage_VAE_2d.pth``) goes through `convert_2d` when given. Its
     architecture comes from `config` (a dict, JSON file or folder) or the shipped `default_config`.
     `path=None` falls back to `from_pretrained(info.hub_repo, subfolder="vae")`, offline when
     HF_HUB_OFFLINE is set.
@@ -76,7 +79,8 @@ def load_vae(
     if path is None:
         logger.info("loading the %s VAE from the hub repo %s (subfolder vae)", info.name, info.hub_repo)
         try:
-            return cls.from_pretrained(info.hub_repo, subfolder="vae", local_files_only=offline())
+            local = hub_offline(info.hub_repo, "vae/config.json")
+            return cls.from_pretrained(info.hub_repo, subfolder="vae", local_files_only=local)
         except OSError as err:
             raise FileNotFoundError(
                 f"could not load the {info.name} VAE from {info.hub_repo}/vae ({err}). Pass path= with "
@@ -104,7 +108,13 @@ def load_vae(
     cfg = read_config(config, default_config)
     cfg.pop("_comment", None)
     model = cls.from_config(cfg)
-    if is_ldm_layout(state):
+    if convert_2d is not None and is_wan_2d_layout(state):
+        logger.info("converting %s from the reference's 2-D layout to the diffusers 3-D layout", p)
+        try:
+            state = convert_2d(state, model)
+        except ValueError as err:
+            raise ValueError(f"{str(p)!r}: {err}") from None
+    elif is_ldm_layout(state):
         logger.info("converting %s from the BFL/LDM layout to diffusers names", p)
         state = convert_ldm(state, dict(model.config))
     load_checked(model, state, str(p), info.name)
