@@ -777,7 +777,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .presets import resolve_preset
 
         if resolve_preset(args.preset).backbone is None:
-            raise UsageError(f"--preset {args.preset} is the text-to-image PixelDiT; serve a PiD preset such as flux-4k")
+            raise UsageError(f"--preset {args.preset} is the text-to-image PixelDiT; serve a PiD preset (e.g. flux-4k)")
     try:
         import gradio  # noqa: F401
     except ImportError:

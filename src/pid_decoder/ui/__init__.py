@@ -26,7 +26,7 @@ _EXPORTS = {
     "WebApp": "app",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Cancelled", "Engine", "InputError", "JobResult", "ServeOptions", "WebApp"]
 
 
 def __getattr__(name: str) -> Any:

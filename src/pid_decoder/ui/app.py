@@ -48,20 +48,27 @@ def _refusal(message: str) -> gr.Error:
     return gr.Error(message, title="PiD", print_exception=False)
 
 
-class _ImageInput(gr.Image):
-    """gr.Image whose unreadable uploads fail with a sentence instead of gradio's bare "Error"."""
+def _image_input(**kwargs) -> gr.Image:
+    """gr.Image whose unreadable uploads fail with a sentence instead of gradio's bare "Error".
 
-    is_template = True  # rendered by gr.Image's frontend
+    The check wraps this one component's ``preprocess`` (gradio writes a .pyi next to any module that defines a
+    component subclass, so we do not subclass)."""
+    image = gr.Image(**kwargs)
+    plain = image.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return plain(payload)
         except gr.Error:
             raise
-        except Exception:
+        except Exception:  # PIL raises many types for files that are not images
             name = getattr(payload, "orig_name", None) or "the upload"
+            logger.info("unreadable image upload %s", name)
             raise _refusal(f"{name} is not an image this page can read; upload a PNG, JPEG, WebP, BMP, TIFF or "
                            "GIF file.") from None
+
+    image.preprocess = preprocess
+    return image
 
 
 class _Jobs:
@@ -140,16 +147,20 @@ class WebApp:
                 elem_id="pid-header",
             )
             with gr.Row(equal_height=True):
-                model = gr.Dropdown(choices, value=first, label="Model", scale=1, min_width=260,
+                model = gr.Dropdown(choices, value=first, label="Model", scale=1, min_width=260, elem_id="pid-model",
                                     info="switching unloads the previous model; the next run loads this one")
-                gr.Markdown(self._models_note(), elem_id="pid-models-note", elem_classes="pid-note")
+                with gr.Column(scale=1):
+                    gr.Markdown(self._models_note(), elem_id="pid-models-note", elem_classes="pid-note")
+                    if engine.missing:
+                        with gr.Accordion(f"{len(engine.missing)} more presets: how to get them", open=False):
+                            gr.Markdown(engine.missing_note(), elem_classes="pid-note")
             with gr.Tabs():
                 with gr.Tab("Upscale", id="upscale"):
                     with gr.Row():
                         with gr.Column(scale=2, min_width=320):
-                            image = _ImageInput(type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                                label="Image (upload, drop or paste)", height=280,
-                                                elem_id="upscale-image")
+                            image = _image_input(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                                 label="Image (upload, drop or paste)", height=280,
+                                                 elem_id="upscale-image")
                             prompt, embedding = self._text_inputs("upscale")
                             with gr.Row():
                                 seed = gr.Number(5, precision=0, minimum=0, label="Seed", elem_id="upscale-seed")
@@ -248,9 +259,7 @@ class WebApp:
             device = str(resolve_device(opts.device))
         except ValueError:
             device = opts.device
-        note = f"Device: {device}. {limits}"
-        missing = self.engine.missing_note()
-        return note + (f"\n\n{missing}" if missing else "")
+        return f"Device: {device}. {limits}"
 
     def _model_changed(self, key: str):
         ok, note = self.engine.ldm_status(key) if key else (False, "Choose a model.")
@@ -263,16 +272,17 @@ class WebApp:
             logger.info("cancel requested by session %s", request.session_hash)
 
     def run_upscale(self, model, image, prompt, embedding, seed, sigma, size, request: gr.Request,
-                    progress=gr.Progress()):
+                    progress=gr.Progress()):  # noqa: B008 (gradio injects the tracker it finds as a default)
         return self._job(request, progress, lambda step, _: self.engine.upscale(
             model, image, prompt=prompt, embedding=embedding, seed=seed, sigma=sigma, size=size, on_step=step))
 
-    def run_decode(self, model, latent, prompt, embedding, seed, sigma, request: gr.Request, progress=gr.Progress()):
+    def run_decode(self, model, latent, prompt, embedding, seed, sigma, request: gr.Request,
+                   progress=gr.Progress()):  # noqa: B008
         return self._job(request, progress, lambda step, _: self.engine.decode(
             model, latent, prompt=prompt, embedding=embedding, seed=seed, sigma=sigma, on_step=step))
 
     def run_generate(self, model, prompt, embedding, resolution, seed, ldm_steps, guidance, request: gr.Request,
-                     progress=gr.Progress()):
+                     progress=gr.Progress()):  # noqa: B008
         return self._job(request, progress, lambda step, ldm_step: self.engine.generate(
             model, prompt, resolution=resolution, seed=seed, ldm_steps=ldm_steps, guidance=guidance,
             embedding=embedding, on_step=step, on_ldm_step=ldm_step))

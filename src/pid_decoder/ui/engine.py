@@ -401,7 +401,8 @@ class Engine:
         defaults = (f"{d.steps} steps, guidance {d.guidance:g}, PiD decodes the final latent"
                     + (f" and x_t after step {', '.join(map(str, d.capture))}" if d.capture else ""))
         if self._given_ldm is not None:
-            return True, f"LDM: the {type(self._given_ldm).__name__} given to the app, with the {tag} defaults ({defaults})."
+            name = type(self._given_ldm).__name__
+            return True, f"LDM: the {name} given to the app, with the {tag} defaults ({defaults})."
         if _ldm_present(model):
             return True, f"LDM: {model} ({defaults})."
         return False, (
@@ -556,7 +557,7 @@ class Engine:
             before = _rgb(prepared).resize(out.size, Image.LANCZOS)
             settings = self._settings(
                 key, pipe, input=f"{path.name}, {image.width}x{image.height}",
-                output=f"{out.width}x{out.height} ({out.width / prepared.width:g}x of {prepared.width}x{prepared.height})",
+                output=f"{out.width}x{out.height} ({scale}x of {prepared.width}x{prepared.height})",
                 seed=seed, sigma=f"{sigma:g}", steps=pipe.sampler.steps, text=text,
                 time=f"{time.perf_counter() - start:.1f} s",
             )
