@@ -363,6 +363,24 @@ def test_login_is_required_with_auth(engine, tmp_path):
         assert Image.open(result[1][0]).size == (64, 64)
 
 
+def test_generate_through_the_server(assets):
+    """The Generate tab's API: prompt -> tiny FLUX pipeline -> PiD, the LDM's own decode as the comparison."""
+    pytest.importorskip("gradio")
+    from gradio_client import Client, handle_file
+
+    from pid_decoder.ui import Engine
+
+    eng = Engine(checkpoint_options(assets), ldm_pipeline=tiny_flux_pipeline())
+    eng.prepare()
+    with running_app(eng) as (_, url):
+        client = Client(url, verbose=False)
+        (before, after), files, settings = client.predict(
+            "checkpoint", "a red fox", handle_file(str(assets["embedding"])), "128,64", 3, 2, 3.5,
+            api_name="/generate")
+    assert Image.open(after).size == (128, 64) and Image.open(before).size == (128, 64)
+    assert len(files) == 1 and "2 steps, guidance 3.5, seed 3" in settings
+
+
 def test_server_refuses_oversized_uploads(assets):
     pytest.importorskip("gradio")
     import httpx

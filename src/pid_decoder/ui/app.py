@@ -139,6 +139,7 @@ class WebApp:
         choices = [(e.label, e.key) for e in engine.models.values()]
         first = engine.first if engine.first in engine.models else (choices[0][1] if choices else None)
         ldm_ok, ldm_note = engine.ldm_status(first) if first else (False, "No model is offered.")
+        ldm = engine.ldm_defaults(first) if first else None
         with gr.Blocks(title=title, analytics_enabled=False, delete_cache=CACHE_CLEANUP) as blocks:
             gr.Markdown(
                 "# PiD: Pixel Diffusion Decoder\n"
@@ -204,18 +205,19 @@ class WebApp:
                     with gr.Row():
                         with gr.Column(scale=2, min_width=320):
                             g_prompt = gr.Textbox(label="Prompt", lines=3, elem_id="generate-prompt")
-                            g_embedding = gr.File(
-                                label="PiD caption as an embedding file (optional; default: Gemma encodes the "
-                                      "prompt)", file_types=[".safetensors"], type="filepath",
-                                elem_id="generate-embedding")
+                            with gr.Accordion("Caption for PiD (optional; default: Gemma encodes the prompt)",
+                                              open=False):
+                                g_embedding = gr.File(label="a prompt embedding file from `pid-decoder embed`",
+                                                      file_types=[".safetensors"], type="filepath",
+                                                      elem_id="generate-embedding")
                             with gr.Row():
                                 g_res = gr.Textbox("2048", label="Final resolution (N or W,H)",
                                                    elem_id="generate-resolution")
                                 g_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="generate-seed")
                             with gr.Row():
-                                g_steps = gr.Number(None, precision=0, minimum=1, label="LDM steps (default per LDM)",
-                                                    elem_id="generate-steps")
-                                g_guidance = gr.Number(None, minimum=0, label="Guidance (default per LDM)",
+                                g_steps = gr.Number(ldm.steps if ldm else None, precision=0, minimum=1,
+                                                    label="LDM steps", elem_id="generate-steps")
+                                g_guidance = gr.Number(ldm.guidance if ldm else None, minimum=0, label="Guidance",
                                                        elem_id="generate-guidance")
                             with gr.Row():
                                 g_run = gr.Button("Generate", variant="primary", interactive=ldm_ok,
@@ -228,7 +230,8 @@ class WebApp:
                         api_name="generate", concurrency_limit=1, concurrency_id="device",
                     )
                     g_stop.click(self.cancel, None, None, cancels=[g_event], queue=False, api_visibility="private")
-            model.change(self._model_changed, model, [g_note, g_run], queue=False, api_visibility="private")
+            model.change(self._model_changed, model, [g_note, g_run, g_steps, g_guidance], queue=False,
+                         api_visibility="private")
         return blocks
 
     def _text_inputs(self, tab: str):
@@ -262,8 +265,11 @@ class WebApp:
         return f"Device: {device}. {limits}"
 
     def _model_changed(self, key: str):
+        """The Generate tab follows the model: what it runs with (or lacks) and that LDM's defaults."""
         ok, note = self.engine.ldm_status(key) if key else (False, "Choose a model.")
-        return note, gr.Button(interactive=ok)
+        ldm = self.engine.ldm_defaults(key) if key else None
+        steps, guidance = (ldm.steps, ldm.guidance) if ldm else (None, None)
+        return note, gr.Button(interactive=ok), steps, guidance
 
     # ------------------------------------------------------------------ jobs
     def cancel(self, request: gr.Request) -> None:

@@ -387,6 +387,14 @@ class Engine:
         model = self.options.ldm_model or (LDM_DEFAULTS[tag].model if tag in LDM_DEFAULTS else "")
         return tag, model
 
+    def ldm_defaults(self, key: str):
+        """The `LDMDefaults` Generate uses with this model (None when no LDM is known for it)."""
+        from ..pipeline import LDM_DEFAULTS
+
+        if key not in self.models:
+            return None
+        return LDM_DEFAULTS.get(self._ldm_source(self.models[key])[0])
+
     def ldm_status(self, key: str) -> tuple[bool, str]:
         """Whether Generate can run with this model, and a sentence saying with what, or what is missing."""
         from ..pipeline import LDM_DEFAULTS
