@@ -57,7 +57,8 @@ def engine(assets):
 
     eng = Engine(checkpoint_options(assets))
     eng.prepare()
-    return eng
+    yield eng
+    eng.close()
 
 
 def save(image, path: Path) -> Path:
@@ -379,6 +380,52 @@ def test_generate_through_the_server(assets):
             api_name="/generate")
     assert Image.open(after).size == (128, 64) and Image.open(before).size == (128, 64)
     assert len(files) == 1 and "2 steps, guidance 3.5, seed 3" in settings
+
+
+def _join_and_listen(url: str, fn_index: int, data: list) -> list[dict]:
+    """One browser session's view of a job: gradio's queue protocol (join, then the event stream)."""
+    import json
+    import uuid
+
+    import httpx
+
+    session = uuid.uuid4().hex
+    join = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    assert httpx.post(url + "gradio_api/queue/join", json=join, timeout=30).status_code == 200
+    messages = []
+    with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                messages.append(json.loads(line[5:]))
+                if messages[-1].get("msg") == "process_completed":
+                    break
+    return messages
+
+
+def test_queue_position_and_step_progress_reach_the_page(engine, tmp_path):
+    """Three jobs while the device is busy: the waiting ones are told their place, each sees its PiD steps."""
+    pytest.importorskip("gradio")
+    import httpx
+
+    image = save(random_image(16, 16), tmp_path / "in.png")
+    with running_app(engine) as (app, url):
+        fn_index = next(i for i, f in app.blocks.fns.items() if f.api_name == "upscale")
+        uploaded = httpx.post(url + "gradio_api/upload", files={"files": ("in.png", image.read_bytes())},
+                              timeout=30).json()[0]
+        data = ["checkpoint", {"path": uploaded, "orig_name": "in.png", "meta": {"_type": "gradio.FileData"}}, "",
+                None, 5, 0.0, "native"]
+        with ThreadPoolExecutor(3) as pool:
+            with engine._device_lock:  # the device is busy until all three have joined the queue
+                futures = [pool.submit(_join_and_listen, url, fn_index, data) for _ in range(3)]
+                time.sleep(2.0)
+            streams = [f.result(timeout=120) for f in futures]
+    ranks = [m["rank"] for msgs in streams for m in msgs if m.get("msg") == "estimation" and m.get("rank") is not None]
+    assert max(ranks) >= 1  # someone waited behind another job and was shown where
+    for msgs in streams:
+        steps = [m["progress_data"][0]["index"] for m in msgs
+                 if m.get("msg") == "progress" and m["progress_data"][0].get("desc") == "PiD"]
+        assert steps == [1, 2, 3, 4]
+        assert msgs[-1]["msg"] == "process_completed" and msgs[-1]["success"]
 
 
 def test_server_refuses_oversized_uploads(assets):

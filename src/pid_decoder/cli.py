@@ -815,6 +815,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         app.close()
+        engine.close()
     return 0
 
 

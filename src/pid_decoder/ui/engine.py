@@ -6,20 +6,23 @@ that fail with one sentence, and the three jobs (upscale, decode, generate).
     result = engine.upscale("flux-4k", "photo.jpg", size="2048", on_step=print)
     result.image.save("photo_pid.png")                  # result.before: the input resized to the same size
 
-Every job holds the device lock from loading its model to its last step, so jobs run one at a time whatever the
-web server does. ``on_step(done, total)`` is called once when the job has the device (``done = 0``) and after
+Every job runs on the engine's one device thread, holding the device lock from loading its model to its last step,
+so jobs run one at a time whatever the web server does (and compute libraries keep one set of per-thread pools
+and buffers however many server threads submit work). ``on_step(done, total)`` is called once when the job has the device (``done = 0``) and after
 every sampler step; it may raise `Cancelled` to stop the job there. Requests that cannot be served raise
 `InputError`, whose message is one sentence meant for the person at the page.
 """
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +198,7 @@ class Engine:
         self.options = options
         self._given_ldm = ldm_pipeline
         self._device_lock = threading.Lock()
+        self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pid-device")
         self._pipe: tuple[str, Any] | None = None  # (key, PiDPipeline)
         self._ldm: tuple[str, Any] | None = None  # (model id, diffusers pipeline)
         self._configs: dict[str, Any] = {}  # key -> NetConfig of checkpoint entries, once loaded
@@ -271,8 +275,28 @@ class Engine:
             with_backbone = not (self.options.backbone_path and preset.backbone == self._path_backbone)
             weights.resolve(weights.preset_files(preset, with_backbone=with_backbone), self.options.weights_dir)
             self.rescan()
-        with self._device_lock:
-            self._load(key)
+        self._on_device(self._load, key)
+
+    def close(self) -> None:
+        """Unload the models and stop the device thread."""
+        self._on_device(self._unload_all)
+        self._device_thread.shutdown(wait=True)
+
+    def _unload_all(self) -> None:
+        self.unload()
+        if self._ldm is not None:
+            self._drop_ldm()
+
+    def _on_device(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` on the device thread, holding the device lock; the caller's context variables (the web
+        server's progress tracker) go along."""
+        context = contextvars.copy_context()
+
+        def locked():
+            with self._device_lock:
+                return fn(*args)
+
+        return self._device_thread.submit(context.run, locked).result()
 
     def missing_note(self) -> str:
         """One paragraph: which presets are not offered and how to get them."""
@@ -298,8 +322,7 @@ class Engine:
         if entry.checkpoint is None:
             return entry.preset.net
         if key not in self._configs:
-            with self._device_lock:
-                self._load(key)
+            self._on_device(self._load, key)
         return self._configs[key]
 
     @property
@@ -318,7 +341,7 @@ class Engine:
         return self._text_encoder
 
     def _load(self, key: str):
-        """The pipeline of ``key``; call with the device lock held. Unloads the previous model first."""
+        """The pipeline of ``key``; call on the device thread. Unloads the previous model first."""
         if self._pipe is not None and self._pipe[0] == key:
             return self._pipe[1]
         entry = self.entry(key)
@@ -511,21 +534,23 @@ class Engine:
         return out
 
     def _run(self, key: str, on_step: StepCallback | None, job: Callable[[Any], JobResult]) -> JobResult:
-        """Run ``job(pipe)`` holding the device; Gemma errors become one sentence."""
+        """Run ``job(pipe)`` on the device thread; Gemma errors become one sentence."""
+        return self._on_device(self._job, key, on_step, job)
+
+    def _job(self, key: str, on_step: StepCallback | None, job: Callable[[Any], JobResult]) -> JobResult:
         from ..text import MissingTextEncoderError
 
-        with self._device_lock:
-            if on_step is not None:
-                on_step(0, 0)  # the job has the device: a cancel requested while it waited stops it here
-            pipe = self._load(key)
-            try:
-                return job(pipe)
-            except MissingTextEncoderError as err:
-                logger.warning("%s", err)
-                raise InputError(
-                    "Encoding this prompt needs the Gemma-2 text encoder, which this server cannot load; upload an "
-                    "embedding file made with `pid-decoder embed` instead (the server log says more)."
-                ) from None
+        if on_step is not None:
+            on_step(0, 0)  # the job has the device: a cancel requested while it waited stops it here
+        pipe = self._load(key)
+        try:
+            return job(pipe)
+        except MissingTextEncoderError as err:
+            logger.warning("%s", err)
+            raise InputError(
+                "Encoding this prompt needs the Gemma-2 text encoder, which this server cannot load; upload an "
+                "embedding file made with `pid-decoder embed` instead (the server log says more)."
+            ) from None
 
     # ------------------------------------------------------------------ jobs
     def upscale(
