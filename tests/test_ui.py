@@ -333,6 +333,22 @@ def test_serve_usage_errors(assets, capsys, extra, expected):
     assert code == 2 and expected in err and out == ""
 
 
+def test_busy_port_is_one_line(assets, capsys):
+    pytest.importorskip("gradio")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run_cli("serve", "--checkpoint", assets["checkpoint"], "--config", assets["config"],
+                                 "--backbone", "flux", "--backbone-path", assets["vae"], "--device", "cpu",
+                                 "--port", port, "-q", capsys=capsys)
+    assert code == 1 and out == "" and err.strip() == (
+        f"pid-decoder serve: error: cannot listen on 127.0.0.1:{port} (in use, or not an address of this machine); "
+        "choose another --port or --host")
+
+
 def test_importing_the_package_does_not_import_gradio():
     code = ("import sys, pid_decoder, pid_decoder.cli, pid_decoder.ui; pid_decoder.cli.build_parser(); "
             "import pid_decoder.ui.engine; assert 'gradio' not in sys.modules, 'gradio imported'")

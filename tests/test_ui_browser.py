@@ -49,7 +49,8 @@ def server(tmp_path_factory):
         engine = Engine(preset_options(assets))
         engine.prepare()
         with running_app(engine) as (_, url):
-            yield url, root
+            yield url, root, engine
+        engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, server):
-    url, _ = server
+    url = server[0]
     context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -94,7 +95,7 @@ def download(page, tab: str, target: Path) -> Image.Image:
 
 
 def test_upscale_in_the_browser(page, server):
-    _, root = server
+    root = server[1]
     source = root / "landscape.png"
     scene(96, 64).save(source)
     assert page.locator("#pid-model input").input_value().startswith(TINY_ALIAS)
@@ -115,7 +116,7 @@ def test_upscale_in_the_browser(page, server):
 
 
 def test_bad_file_shows_one_sentence(page, server):
-    _, root = server
+    root = server[1]
     broken = root / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     page.locator("#upscale-image input[type=file]").set_input_files(str(broken))
@@ -127,7 +128,7 @@ def test_bad_file_shows_one_sentence(page, server):
 
 
 def test_decode_in_the_browser(page, server):
-    _, root = server
+    root = server[1]
     latent = root / "latent.npy"
     np.save(latent, np.random.default_rng(0).standard_normal((1, 16, 3, 5)).astype(np.float32))
     page.get_by_role("tab", name="Decode").click()
@@ -136,3 +137,28 @@ def test_decode_in_the_browser(page, server):
     page.wait_for_selector("#decode-settings li")
     assert slider_sizes(page, "decode") == [(160, 96), (160, 96)]  # VAE decode resized | PiD, 32x the latent
     assert download(page, "decode", root / "decoded.png").size == (160, 96)
+
+
+def test_cancel_in_the_browser(page, server):
+    """Cancel while the job waits for a busy device: it stops before its first step; the next run works."""
+    root, engine = server[1], server[2]
+    source = root / "cancel.png"
+    scene(32, 32).save(source)
+    pipe = engine._pipe[1]
+    sampled = []
+    plain = pipe._sample
+    pipe._sample = lambda *a, **k: sampled.append(1) or plain(*a, **k)
+    try:
+        page.locator("#upscale-image input[type=file]").set_input_files(str(source))
+        with engine._device_lock:  # another job holds the device
+            page.click("#upscale-run")
+            page.wait_for_timeout(1000)
+            page.click("#upscale-cancel")
+            page.wait_for_timeout(1000)
+        page.wait_for_timeout(1500)
+        assert sampled == [] and page.inner_text("#upscale-settings").strip() == ""
+        page.click("#upscale-run")
+        page.wait_for_selector("#upscale-settings li")
+        assert sampled == [1] and slider_sizes(page, "upscale") == [(128, 128), (128, 128)]
+    finally:
+        pipe._sample = plain

@@ -801,10 +801,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine.prepare()
     app = WebApp(engine, max_queue=args.max_queue)
     stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main_thread else None
     try:
-        url = app.start(args.host, args.port, auth=auth)
+        try:
+            url = app.start(args.host, args.port, auth=auth)
+        except OSError as err:  # gradio's message speaks of its own parameters
+            raise OSError(f"cannot listen on {args.host}:{args.port} (in use, or not an address of this machine); "
+                          "choose another --port or --host") from err
         print(url, flush=True)  # the page is ready
         if not args.quiet:
             login = " (login required)" if auth else ""
@@ -816,6 +820,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         app.close()
         engine.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

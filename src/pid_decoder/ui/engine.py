@@ -8,9 +8,9 @@ that fail with one sentence, and the three jobs (upscale, decode, generate).
 
 Every job runs on the engine's one device thread, holding the device lock from loading its model to its last step,
 so jobs run one at a time whatever the web server does (and compute libraries keep one set of per-thread pools
-and buffers however many server threads submit work). ``on_step(done, total)`` is called once when the job has the device (``done = 0``) and after
-every sampler step; it may raise `Cancelled` to stop the job there. Requests that cannot be served raise
-`InputError`, whose message is one sentence meant for the person at the page.
+and buffers however many server threads submit work). ``on_step(done, total)`` is called once when the job has
+the device (``done = 0``) and after every sampler step; it may raise `Cancelled` to stop the job there. Requests
+that cannot be served raise `InputError`, whose message is one sentence meant for the person at the page.
 """
 
 from __future__ import annotations
