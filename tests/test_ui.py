@@ -398,7 +398,7 @@ def test_generate_through_the_server(assets):
     assert len(files) == 1 and "2 steps, guidance 3.5, seed 3" in settings
 
 
-def _join_and_listen(url: str, fn_index: int, data: list) -> list[dict]:
+def _join_and_listen(url: str, fn_index: int, data: list, joined: list | None = None) -> list[dict]:
     """One browser session's view of a job: gradio's queue protocol (join, then the event stream)."""
     import json
     import uuid
@@ -408,6 +408,8 @@ def _join_and_listen(url: str, fn_index: int, data: list) -> list[dict]:
     session = uuid.uuid4().hex
     join = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
     assert httpx.post(url + "gradio_api/queue/join", json=join, timeout=30).status_code == 200
+    if joined is not None:
+        joined.append(session)
     messages = []
     with httpx.stream("GET", url + f"gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
         for line in stream.iter_lines():
@@ -431,16 +433,21 @@ def test_queue_position_and_step_progress_reach_the_page(engine, tmp_path):
         data = ["checkpoint", {"path": uploaded, "orig_name": "in.png", "meta": {"_type": "gradio.FileData"}}, "",
                 None, 5, 0.0, "native"]
         with ThreadPoolExecutor(3) as pool:
+            joined = []
             with engine._device_lock:  # the device is busy until all three have joined the queue
-                futures = [pool.submit(_join_and_listen, url, fn_index, data) for _ in range(3)]
-                time.sleep(2.0)
+                futures = [pool.submit(_join_and_listen, url, fn_index, data, joined) for _ in range(3)]
+                deadline = time.monotonic() + 60
+                while len(joined) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.5)
             streams = [f.result(timeout=120) for f in futures]
     ranks = [m["rank"] for msgs in streams for m in msgs if m.get("msg") == "estimation" and m.get("rank") is not None]
     assert max(ranks) >= 1  # someone waited behind another job and was shown where
     for msgs in streams:
-        steps = [m["progress_data"][0]["index"] for m in msgs
+        steps = [(m["progress_data"][0]["index"], m["progress_data"][0]["length"]) for m in msgs
                  if m.get("msg") == "progress" and m["progress_data"][0].get("desc") == "PiD"]
-        assert steps == [1, 2, 3, 4]
+        # gradio sends the latest state at its own pace, so fast steps may be merged; they never go backwards
+        assert steps and steps == sorted(steps) and all(total == 4 for _, total in steps)
         assert msgs[-1]["msg"] == "process_completed" and msgs[-1]["success"]
 
 

@@ -199,6 +199,7 @@ class Engine:
         self._given_ldm = ldm_pipeline
         self._device_lock = threading.Lock()
         self._device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pid-device")
+        self._closed = False
         self._pipe: tuple[str, Any] | None = None  # (key, PiDPipeline)
         self._ldm: tuple[str, Any] | None = None  # (model id, diffusers pipeline)
         self._configs: dict[str, Any] = {}  # key -> NetConfig of checkpoint entries, once loaded
@@ -278,12 +279,15 @@ class Engine:
         self._on_device(self._load, key)
 
     def close(self) -> None:
-        """Unload the models and stop the device thread."""
+        """Unload the models and stop the device thread (the engine takes no jobs afterwards)."""
+        if self._closed:
+            return
         self._on_device(self._unload_all)
+        self._closed = True
         self._device_thread.shutdown(wait=True)
 
     def _unload_all(self) -> None:
-        self.unload()
+        self._unload()
         if self._ldm is not None:
             self._drop_ldm()
 
@@ -300,9 +304,11 @@ class Engine:
 
     def missing_note(self) -> str:
         """One paragraph: which presets are not offered and how to get them."""
+        from ..weights import ENV_VAR, default_weights_dir
+
         if not self.missing:
             return ""
-        where = self.options.weights_dir or "the Hugging Face cache ($PID_WEIGHTS_DIR unset)"
+        where = default_weights_dir(self.options.weights_dir) or f"the Hugging Face cache (${ENV_VAR} unset)"
         return (
             f"Not offered, their weights are not in {where}: {', '.join(self.missing)}. "
             "Start the server once with `--preset NAME` to download one (or `hf download nvidia/PiD "
@@ -345,7 +351,7 @@ class Engine:
         if self._pipe is not None and self._pipe[0] == key:
             return self._pipe[1]
         entry = self.entry(key)
-        self.unload()
+        self._unload()
         if self._ldm is not None and self._ldm[0] != self._ldm_source(entry)[1]:
             self._drop_ldm()
         from ..accel import compile_network
@@ -379,7 +385,10 @@ class Engine:
         return pipe
 
     def unload(self) -> None:
-        """Drop the loaded model (and free its device memory)."""
+        """Drop the loaded model (and free its device memory); the next job loads its model again."""
+        self._on_device(self._unload)
+
+    def _unload(self) -> None:
         if self._pipe is None:
             return
         logger.info("unloading model %s", self._pipe[0])
