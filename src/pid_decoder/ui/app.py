@@ -304,7 +304,7 @@ class WebApp:
                     if total:
                         progress((done, total), desc=desc, unit="steps")
                     else:
-                        progress(0.0, desc="loading the model")
+                        progress(0.0, desc="starting (loads the model if it changed)")
 
                 return step
 

@@ -603,7 +603,7 @@ class Engine:
                 seed=seed, sigma=f"{sigma:g}", steps=pipe.sampler.steps, text=text,
                 time=f"{time.perf_counter() - start:.1f} s",
             )
-            return JobResult(out, before, f"{path.stem}_pid_{out.width}x{out.height}", settings)
+            return JobResult(out, before, f"{path.stem[:80]}_pid_{out.width}x{out.height}", settings)
 
         return self._run(key, on_step, job)
 
@@ -662,7 +662,7 @@ class Engine:
                 time=f"{time.perf_counter() - start:.1f} s",
             )
             before = bases[0].resize(out.size, Image.LANCZOS)
-            return JobResult(out, before, f"{path.stem}_pid_{out.width}x{out.height}", settings)
+            return JobResult(out, before, f"{path.stem[:80]}_pid_{out.width}x{out.height}", settings)
 
         return self._run(key, on_step, job)
 
