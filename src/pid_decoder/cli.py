@@ -1081,6 +1081,147 @@ def cmd_generate(args: argparse.Namespace) -> int:
 cmd_generate.arguments = _generate_args
 
 
+# --------------------------------------------------------------------------- serve (the web app)
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+UI_INSTALL = 'the web app needs gradio: pip install "pid-decoder[ui]"'
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    g = p.add_argument_group("text")
+    g.add_argument("--text-embedding", help="prompt embedding file used when a request gives neither a prompt nor "
+                                            "an embedding file (default: the empty prompt, encoded by Gemma)")
+    g.add_argument("--negative-embedding",
+                   help="undistilled presets only: the negative prompt as an embedding file (default: Gemma)")
+    _performance_args(p)
+    g = p.add_argument_group("Generate tab")
+    g.add_argument("--ldm", help="LDM defaults for Generate (default: the model's latent space), as in `generate`")
+    g.add_argument("--ldm-model", help="diffusers pipeline folder or hub id (default: the LDM's released model; "
+                                       "the tab is offered when it is in that folder or the HF cache)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only); any other address needs --auth, "
+                        "--auth-file or --no-auth")
+    g.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    g.add_argument("--auth", metavar="USER:PASS", help="require this user and password (visible in the process "
+                                                       "list: prefer --auth-file)")
+    g.add_argument("--auth-file", metavar="FILE", help="require a login from this file: one USER:PASS per line")
+    g.add_argument("--no-auth", action="store_true", help="serve a non-local --host without a login (anyone who "
+                                                          "can reach the port can use the model)")
+    g.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload in MB (default 50)")
+    g.add_argument("--max-output-pixels", type=_pixel_count, default=4096 * 4096,
+                   help="largest output, in pixels or as WxH (default 4096x4096); bigger requests are refused")
+    g.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more are refused (default 16)")
+    p.set_defaults(steps=None, noise_device="auto", prompt=None)
+
+
+def _pixel_count(text: str) -> int:
+    try:
+        parts = [int(v) for v in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or WxH, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or WxH, got {text!r}")
+    return parts[0] * (parts[-1] if len(parts) == 2 else 1)
+
+
+def _auth_pair(text: str, where: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user.strip() or not password:
+        raise UsageError(f"{where}: expected USER:PASS with a non-empty user and password")
+    return user.strip(), password
+
+
+def _serve_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The logins, after checking that a page reachable from other machines has one (or --no-auth)."""
+    pairs = [_auth_pair(args.auth, "--auth")] if args.auth else []
+    if args.auth_file:
+        try:
+            lines = Path(args.auth_file).read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise UsageError(f"--auth-file {args.auth_file}: {err.strerror or err}") from None
+        for n, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                pairs.append(_auth_pair(line.strip(), f"--auth-file {args.auth_file} line {n}"))
+        if not pairs:
+            raise UsageError(f"--auth-file {args.auth_file} holds no USER:PASS line")
+    if args.no_auth and pairs:
+        raise UsageError("--no-auth contradicts --auth / --auth-file; give one or the other")
+    local = args.host in _LOOPBACK or args.host.startswith("127.")
+    if not local and not pairs and not args.no_auth:
+        raise UsageError(
+            f"--host {args.host} makes the page reachable from other machines; give --auth USER:PASS or "
+            "--auth-file FILE (or --no-auth to let anyone who reaches the port use it)"
+        )
+    return pairs
+
+
+@command("serve", "a local web page: upload an image or a latent, compare before/after, download (needs [ui])")
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    _check_model_args(args)
+    auth = _serve_auth(args)
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_upload_mb <= 0 or args.max_queue < 1:
+        raise UsageError("--max-upload-mb must be > 0 and --max-queue >= 1")
+    if args.preset:
+        from .presets import resolve_preset
+
+        if resolve_preset(args.preset).backbone is None:
+            raise UsageError(f"--preset {args.preset} is the text-to-image PixelDiT; serve a PiD preset (e.g. flux-4k)")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError(UI_INSTALL) from None
+    from .ui import Engine, ServeOptions, WebApp
+
+    _quiet_libraries(args.quiet)
+    options = ServeOptions(
+        preset=args.preset, checkpoint=args.checkpoint, config=read_config(args.config) if args.config else None,
+        backbone=args.backbone, weights_dir=args.weights_dir, backbone_path=args.backbone_path,
+        text_encoder=args.text_encoder, text_embedding=args.text_embedding,
+        negative_embedding=args.negative_embedding, device=args.device, dtype=args.dtype,
+        max_memory=args.max_memory, tile=args.tile, tile_overlap=args.tile_overlap, offload=args.offload,
+        compile=args.compile, attention=args.attention, ldm=args.ldm, ldm_model=args.ldm_model,
+        max_upload_mb=args.max_upload_mb, max_output_pixels=args.max_output_pixels, fallback_preset=DEFAULT_PRESET,
+    )
+    engine = Engine(options)
+    if not args.quiet:
+        first = engine.models[engine.first].label if engine.first in engine.models else engine.first
+        print(f"pid-decoder serve: loading {first}", file=sys.stderr, flush=True)
+    engine.prepare()
+    app = WebApp(engine, max_queue=args.max_queue)
+    stop = threading.Event()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main_thread else None
+    try:
+        try:
+            url = app.start(args.host, args.port, auth=auth)
+        except OSError as err:  # gradio's message speaks of its own parameters
+            raise OSError(f"cannot listen on {args.host}:{args.port} (in use, or not an address of this machine); "
+                          "choose another --port or --host") from err
+        print(url, flush=True)  # the page is ready
+        if not args.quiet:
+            login = " (login required)" if auth else ""
+            print(f"pid-decoder serve: serving {url}{login}; Ctrl+C stops", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+        engine.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+cmd_serve.arguments = _serve_args
+
+
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__

@@ -812,6 +812,7 @@ class PiDPipeline:
         return_baseline: bool = False,
         ldm_kwargs: dict | None = None,
         callback: StepCallback | None = None,
+        ldm_callback: StepCallback | None = None,
     ) -> list[Decoded]:
         """Run an LDM, capture latents, decode each with PiD (the reference's ``from_ldm``).
 
@@ -827,6 +828,7 @@ class PiDPipeline:
             seed: PiD's noise (a generator seeded ``seed`` for every latent) and, unless ``ldm_seed`` is given,
                 the LDM's (the reference's CLI uses ``ldm_seed = seed + prompt index``). The LDM's generator
                 lives on the LDM pipeline's device when the noise device is "auto" and that device is CUDA.
+            callback: ``callback(done, total)`` after each PiD step; ``ldm_callback`` the same after each LDM step.
         Returns:
             `Decoded` entries: captured steps in ascending order, then "x0".
         """
@@ -870,6 +872,8 @@ class PiDPipeline:
                     pipe, kwargs["latents"], height=height, width=width, sigma=capture_sigma(pipe.scheduler, i)
                 )
                 captured[i + 1] = (latent.detach().float().cpu(), sigma)
+            if ldm_callback is not None:
+                ldm_callback(i + 1, n_steps)
             return kwargs
 
         call = dict(defaults.extra)
