@@ -28,7 +28,7 @@ from .test_pipeline_support import (
 
 pytest.importorskip("diffusers")
 
-SUBCOMMANDS = ["presets", "info", "convert", "embed", "upscale", "decode", "generate"]
+SUBCOMMANDS = ["presets", "info", "convert", "embed", "upscale", "decode", "generate", "serve"]
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,7 @@ def test_upscale_in_the_browser(page, server):
     scene(96, 64).save(source)
     assert page.locator("#pid-model input").input_value().startswith(TINY_ALIAS)
     page.locator("#upscale-image input[type=file]").set_input_files(str(source))
+    page.wait_for_selector("#upscale-image img")
     page.click("#upscale-run")
     page.wait_for_selector("#upscale-settings li")
     assert slider_sizes(page, "upscale") == [(384, 256), (384, 256)]  # before (input resized) | PiD, 4x
@@ -150,6 +151,7 @@ def test_cancel_in_the_browser(page, server):
     pipe._sample = lambda *a, **k: sampled.append(1) or plain(*a, **k)
     try:
         page.locator("#upscale-image input[type=file]").set_input_files(str(source))
+        page.wait_for_selector("#upscale-image img")  # the upload has finished before the job is queued
         with engine._device_lock:  # another job holds the device
             page.click("#upscale-run")
             page.wait_for_timeout(1000)

@@ -349,8 +349,9 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise UsageError("--text-encoder is empty; give a Gemma-2-2b-it folder or hub id, or leave it out")
     if args.weights_dir is not None and Path(args.weights_dir).exists() and not Path(args.weights_dir).is_dir():
         raise UsageError(f"--weights-dir {args.weights_dir} is a file; give the folder that holds the weights")
-    if not 0 <= args.seed <= SEED_MAX:
-        raise UsageError(f"--seed must be in [0, 2**64 - 1] = [0, {SEED_MAX}], got {args.seed}")
+    seed = getattr(args, "seed", 0)  # serve takes the seed per job in the page
+    if not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed must be in [0, 2**64 - 1] = [0, {SEED_MAX}], got {seed}")
     sigma = getattr(args, "sigma", 0.0)
     if not 0.0 <= sigma <= 1.0:
         raise UsageError(f"--sigma must be in [0, 1], got {sigma}")
