@@ -158,7 +158,9 @@ def test_cancel_in_the_browser(page, server):
             page.click("#upscale-cancel")
             page.wait_for_timeout(1000)
         page.wait_for_timeout(1500)
-        assert sampled == [] and page.inner_text("#upscale-settings").strip() == ""
+        # No step ran and no result is shown (the panel is empty, or carries gradio's "Error" badge when our
+        # "Cancelled" notice reaches the page before gradio's own cancellation does; both are fine).
+        assert sampled == [] and page.locator("#upscale-settings li").count() == 0
         page.click("#upscale-run")
         page.wait_for_selector("#upscale-settings li")
         assert sampled == [1] and slider_sizes(page, "upscale") == [(128, 128), (128, 128)]
