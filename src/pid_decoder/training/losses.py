@@ -10,14 +10,12 @@ alignment loss (§3.4) with weight 0.8. No randomness is drawn here: t, noise an
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.net import PiDNet
 from .degrade import downsample_lq
 
 
@@ -31,46 +29,6 @@ class LossWeights:
     chroma_weight: float = 1.0
     eps: float = 1e-3
     sigma_power: float = 1.0
-
-
-class TrainingForward(nn.Module):
-    """``net.forward_train`` as a module's ``forward``: wrap this (not the bare network) in DDP or FSDP2.
-
-    Its state-dict keys are ``net.<module path>``, the release layout.
-    """
-
-    def __init__(self, net: PiDNet) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, t, text, lq_latent=None, degrade_sigma=None):
-        return self.net.forward_train(x, t, text, lq_latent, degrade_sigma)
-
-
-def unwrap(net: nn.Module) -> PiDNet:
-    """The `PiDNet` inside DDP / FSDP / torch.compile / `TrainingForward` wrappers."""
-    m = net
-    while not isinstance(m, PiDNet):
-        inner = getattr(m, "net", None) if isinstance(m, TrainingForward) else None
-        inner = inner or getattr(m, "module", None) or getattr(m, "_orig_mod", None)
-        if inner is None:
-            raise TypeError(f"expected a PiDNet (possibly wrapped by TrainingForward/DDP/compile), got {type(net).__name__}")
-        m = inner
-    return m
-
-
-def _training_call(net: nn.Module) -> Callable:
-    if isinstance(net, PiDNet):
-        return net.forward_train
-    m = net
-    while not isinstance(m, TrainingForward):
-        m = getattr(m, "module", None) or getattr(m, "_orig_mod", None)
-        if m is None or isinstance(m, PiDNet):
-            raise TypeError(
-                f"a wrapped network ({type(net).__name__}) must wrap TrainingForward(net): its forward returns the "
-                "velocity and the aux prediction; the bare PiDNet.forward returns only the velocity"
-            )
-    return net
 
 
 # --------------------------------------------------------------------------- time
@@ -137,7 +95,7 @@ def lq_align_loss(
 
 
 # --------------------------------------------------------------------------- the stage-0/1 loss
-def _check(net: PiDNet, hq, lq_latent, text, degrade_sigma, t, noise, lq_image, lq_keep, validate: bool) -> None:
+def _check(net: nn.Module, hq, lq_latent, text, degrade_sigma, t, noise, lq_image, lq_keep, validate: bool) -> None:
     cfg = net.config
     if not torch.is_tensor(hq) or hq.ndim != 4 or hq.shape[1] != 3 or not hq.is_floating_point():
         raise ValueError(f"hq must be a float tensor (B, 3, H, W) in [-1, 1], got {getattr(hq, 'shape', type(hq))}")
@@ -194,35 +152,35 @@ def teacher_losses(
 ) -> dict[str, torch.Tensor]:
     """Stage-1 teacher (or, for a network without LQ branch, stage-0 PixelDiT) losses.
 
-    net: a `PiDNet` (or `TrainingForward(net)` wrapped by DDP/FSDP/compile). hq (B, 3, H, W) in [-1, 1];
-    lq_latent (B, C, H/k, W/k) already noised and dropped (all zeros = dropped) or None for stage 0; text
+    net: a `PiDNet`, or a wrapper (DDP/FSDP2/compile) exposing the same ``forward_train`` and ``config``;
+    the network is used only through one ``net.forward_train(...)`` call. hq (B, 3, H, W) in [-1, 1];
+    lq_latent (B, C, H/k, W/k) already noised and dropped (all zeros = dropped), or None for stage 0; text
     (B, T, txt_dim); degrade_sigma (B,) or None for stage 0; t (B,) in [0, 1] *before* the shift; noise like
     hq; shift the flow shift (e.g. `pid_decoder.sampling.dynamic_shift(H, W)`). lq_image (B, 3, H/4, W/4):
     the clean LQ image (default `downsample_lq(hq)`); lq_keep (B,) bool: which LQ conditions were kept
     (default: the latent is not all zeros, as the reference derives it).
 
     Returns float32 scalars ``diffusion``, ``lq_align`` (only for networks with the aux head: v1.5 teachers
-    loaded with ``training=True``) and ``total`` = diffusion weight * diffusion + 0.8 * lq_align.
+    loaded with ``training=True``) and ``total`` = 1.0 * diffusion + 0.8 * lq_align (`LossWeights`).
     ``validate=False`` skips the value checks (NaN, ranges) that synchronise with the device.
     """
-    model = unwrap(net)
-    _check(model, hq, lq_latent, text, degrade_sigma, t, noise, lq_image, lq_keep, validate)
-    has_aux = model.lq_proj is not None and model.lq_proj.lq_aux_rgb_head is not None
-    if model.config.lq is not None and model.config.lq.aux_rgb_head and not has_aux:
-        raise ValueError(
-            "this v1.5 network's config has the aux LQ-RGB head, but the network was built without it "
-            "(inference loading drops it): load it with load_network(..., training=True)"
-        )
+    cfg = net.config
+    _check(net, hq, lq_latent, text, degrade_sigma, t, noise, lq_image, lq_keep, validate)
     x0 = hq.float()
     t_s = shift_t(t.float(), shift)
     tb = t_s[:, None, None, None]
     x_t = (1 - tb) * x0 + tb * noise.float()  # (B, 3, H, W)
-    v, aux = _training_call(net)(x_t, t_s * 1000, text, lq_latent, degrade_sigma)
+    v, aux = net.forward_train(x_t, t_s * 1000, text, lq_latent, degrade_sigma)
+    if aux is None and cfg.lq is not None and cfg.lq.aux_rgb_head:
+        raise ValueError(
+            "this v1.5 network's config has the aux LQ-RGB head, but the network was built without it "
+            "(inference loading drops it): load it with load_network(..., training=True)"
+        )
     with torch.autocast(x0.device.type, enabled=False):
         diffusion = (v.float() - (noise.float() - x0)).square().mean()
     out = {"diffusion": diffusion}
     total = weights.diffusion * diffusion
-    if has_aux:
+    if aux is not None:
         if lq_image is None:
             lq_image = downsample_lq(hq)
         if lq_keep is None:

@@ -7,7 +7,7 @@ The EMA coefficient is computed on the host from the Python iteration counter, a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,57 +78,66 @@ def ema_update_(ema_params: list[torch.Tensor], params: list[torch.Tensor], beta
 
 
 class EMA:
-    """A float32 shadow copy of every named parameter of a network (frozen ones too, as the reference).
+    """A float32 shadow copy of a network's named parameters (frozen ones too, as the reference).
 
-    ``update(net, iteration)`` after each optimizer step with the iteration *before* it is incremented;
-    ``state_dict()`` / ``load_state_dict()`` for checkpoints (keys = parameter names); ``copy_to(net)`` writes
-    the averages into a network (e.g. before export); ``swapped(net)`` evaluates with them temporarily.
+    Built from ``named_parameters()`` (of the unwrapped network, after DDP/FSDP2 wrapping: the tensors may be
+    DTensor shards; only ``torch._foreach`` ops touch them). ``update(iteration)`` after each optimizer step,
+    with the iteration *before* it is incremented; ``state_dict()`` / ``load_state_dict()`` for checkpoints
+    (keys = parameter names, no prefix); ``copy_to(module)`` writes the averages into a network with the same
+    parameter names (e.g. before export); ``swapped()`` evaluates the tracked network with them temporarily.
     """
 
-    def __init__(self, net: nn.Module, rate: float = 0.1) -> None:
+    def __init__(self, named_params: Iterable[tuple[str, torch.Tensor]], rate: float = 0.1) -> None:
         self.rate = rate
         self.gamma = ema_gamma(rate)
-        self.shadow: dict[str, torch.Tensor] = {
-            name: p.detach().to(torch.float32, copy=True) for name, p in net.named_parameters()
-        }
+        self._params: dict[str, torch.Tensor] = {}
+        self.shadow: dict[str, torch.Tensor] = {}
+        for name, p in named_params:
+            self._params[name] = p
+            self.shadow[name] = p.detach().clone().float()
+        self._param_list = [p.detach() for p in self._params.values()]
         self._ema_list = list(self.shadow.values())
 
-    def _params(self, net: nn.Module) -> list[torch.Tensor]:
-        params = dict(net.named_parameters())
+    @property
+    def names(self) -> list[str]:
+        return list(self.shadow)
+
+    def update(self, iteration: int) -> float:
+        """One EMA step with beta(iteration); returns the beta used."""
+        beta = ema_beta(iteration, self.gamma)
+        ema_update_(self._ema_list, self._param_list, beta)
+        return beta
+
+    def _targets(self, module: nn.Module) -> list[torch.Tensor]:
+        params = dict(module.named_parameters())
         if params.keys() != self.shadow.keys():
             missing = sorted(self.shadow.keys() - params.keys())
             extra = sorted(params.keys() - self.shadow.keys())
-            raise ValueError(f"network does not match the EMA: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise ValueError(f"module does not match the EMA: missing {missing[:5]}, unexpected {extra[:5]}")
         return [params[name].detach() for name in self.shadow]
 
-    def update(self, net: nn.Module, iteration: int) -> float:
-        """One EMA step; returns the beta used."""
-        beta = ema_beta(iteration, self.gamma)
-        ema_update_(self._ema_list, self._params(net), beta)
-        return beta
-
     @torch.no_grad()
-    def copy_to(self, net: nn.Module) -> None:
-        torch._foreach_copy_(self._params(net), self._ema_list)
+    def copy_to(self, module: nn.Module) -> None:
+        """Write the averages into ``module``'s parameters of the same names."""
+        torch._foreach_copy_(self._targets(module), self._ema_list)
 
     @contextlib.contextmanager
-    def swapped(self, net: nn.Module) -> Iterator[nn.Module]:
-        """Within the block ``net`` holds the EMA weights; afterwards exactly its own weights again."""
-        params = self._params(net)
+    def swapped(self) -> Iterator[None]:
+        """Within the block the tracked parameters hold the EMA; afterwards exactly their own values again."""
         with torch.no_grad():
-            saved = [p.clone() for p in params]
-            torch._foreach_copy_(params, self._ema_list)
+            saved = [p.clone() for p in self._param_list]
+            torch._foreach_copy_(self._param_list, self._ema_list)
         try:
-            yield net
+            yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, saved)
+                torch._foreach_copy_(self._param_list, saved)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         if state.keys() != self.shadow.keys():
             missing = sorted(self.shadow.keys() - state.keys())
             extra = sorted(state.keys() - self.shadow.keys())
