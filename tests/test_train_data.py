@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -341,7 +340,7 @@ def test_loader_resume_continues_exactly(tmp_path):
         w, h = [(32, 32), (40, 30), (30, 40)][i % 3]
         _save(root / f"{i:02d}.png", w, h, i)
         (root / f"{i:02d}.txt").write_text(f"c{i}")
-    kw = dict(buckets=TINY, batch_size=2, seed=5, num_workers=2)
+    kw = {"buckets": TINY, "batch_size": 2, "seed": 5, "num_workers": 2}
     loader = build_loader(root, **kw)
     assert len(loader) == 6  # buckets of 4, 3 and 3 samples: 2 + 2 + 2 batches (partial tails kept)
     stream = iter(loader)
@@ -359,3 +358,176 @@ def test_loader_resume_continues_exactly(tmp_path):
         assert got["key"] == want["key"] and torch.equal(got["hq"], want["hq"])
     with pytest.raises(ValueError, match="another data setup"):
         build_loader(root, **{**kw, "seed": 6}).load_state_dict(state)
+
+
+# --------------------------------------------------------------------------- LQ conditioning
+@pytest.fixture(scope="module")
+def flux_backbone():
+    from pid_decoder.backbones import load_backbone
+
+    from .test_backbones import tiny_kl
+
+    return load_backbone("flux", module=tiny_kl("flux"))
+
+
+def _hq(b: int = 2, side: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, side, side, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_lq_conditioner_matches_the_recipe(flux_backbone, tiny_config):
+    hq = _hq(4)
+    cond = LQConditioner(flux_backbone, tiny_config, noise_prob=0.75, lq_dropout=0.3, caption_dropout=0.5)
+    out = cond(hq, torch.Generator().manual_seed(11), ["a", "b", "c", "d"])
+    # the same steps written out, from the same generator
+    g = torch.Generator().manual_seed(11)
+    lq = downsample_lq(hq)
+    z = flux_backbone.encode(lq).to(torch.bfloat16).float()
+    apply, sigma, eps = draw_latent_noise(z.shape, g, prob=0.75, sigma_max=0.8)
+    z, degrade = latent_noise(z, apply=apply, sigma=sigma, eps=eps, frame="flow")
+    cap_drop = torch.rand(4, generator=g) < 0.5
+    lq_drop = torch.rand(4, generator=g) < 0.3
+    z = z * (~lq_drop).view(4, 1, 1, 1)
+    assert out.lq_image.shape == (4, 3, 16, 16) and out.lq_latent.shape == (4, 16, 2, 2)
+    assert torch.equal(out.lq_image, lq) and torch.equal(out.lq_latent, z)
+    assert torch.equal(out.degrade_sigma, degrade)  # dropped LQs keep their σ (parity Q8)
+    assert torch.equal(out.lq_keep, ~lq_drop) and torch.equal(out.caption_drop, cap_drop)
+    assert out.captions == ["" if d else c for c, d in zip("abcd", cap_drop.tolist())]
+
+
+def test_lq_conditioner_switches(flux_backbone):
+    hq = _hq(2)
+    clean = LQConditioner(flux_backbone, noise_prob=0.0, lq_dropout=0.0, caption_dropout=0.0)(hq, None)
+    assert torch.equal(clean.degrade_sigma, torch.zeros(2)) and clean.lq_keep.all() and clean.captions is None
+    assert torch.equal(clean.lq_latent, flux_backbone.encode(downsample_lq(hq)).to(torch.bfloat16).float())
+    dropped = LQConditioner(flux_backbone, lq_dropout=1.0)(hq, torch.Generator().manual_seed(0))
+    assert not dropped.lq_latent.any() and not dropped.lq_keep.any()
+
+
+def test_lq_conditioner_checks_the_network_and_sizes(flux_backbone, tiny_config):
+    import dataclasses
+
+    from pid_decoder.backbones import load_backbone
+
+    from .test_backbones import tiny_kl
+
+    sdxl = load_backbone("sdxl", module=tiny_kl("sdxl"))
+    with pytest.raises(ValueError, match="4-channel latents at 1/8.*expects 16 channels"):
+        LQConditioner(sdxl, tiny_config)
+    wrong_sr = dataclasses.replace(tiny_config, lq=dataclasses.replace(tiny_config.lq, sr_scale=8))
+    with pytest.raises(ValueError, match="sr_scale=4"):
+        LQConditioner(flux_backbone, wrong_sr)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        LQConditioner(flux_backbone)(_hq(1, 48), None)
+
+
+class _PlainEncoder(torch.nn.Module):
+    """A user's own latent model: encode() returns the latent mean as a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 8, stride=8)
+
+    def encode(self, x):
+        return self.conv(x)
+
+
+def test_lq_conditioner_with_a_plain_user_module():
+    module = _PlainEncoder()
+    enc = LatentEncoder(module, latent_channels=4, down_factor=8, scaling_factor=0.5, shift_factor=0.1,
+                        noise_frame="sdxl")
+    hq = _hq(3)
+    out = LQConditioner(enc, noise_prob=1.0, lq_dropout=0.0)(hq, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    z = (0.5 * (module.encode(downsample_lq(hq)) - 0.1)).detach().to(torch.bfloat16).float()
+    apply, sigma, eps = draw_latent_noise(z.shape, g, prob=1.0)
+    s = sigma.view(3, 1, 1, 1)
+    assert apply.all() and torch.allclose(out.lq_latent, torch.sqrt(1 - s * s) * z + s * eps, atol=1e-6)
+    with pytest.raises(ValueError, match="latent_channels= and down_factor="):
+        LatentEncoder(module, scaling_factor=1.0)
+
+
+def test_lq_conditioner_wraps_a_diffusers_vae(tiny_config):
+    from pid_decoder.backbones import load_backbone
+
+    from .test_backbones import tiny_kl
+
+    vae = tiny_kl("sdxl")
+    cond = LQConditioner(vae, noise_frame="sdxl")  # channels, down factor and scaling from vae.config
+    assert (cond.backbone.latent_channels, cond.backbone.down_factor, cond.frame) == (4, 8, "vp")
+    lq = downsample_lq(_hq(1))
+    assert torch.allclose(cond.backbone.encode(lq), load_backbone("sdxl", module=vae).encode(lq), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- text-embedding pre-pass
+@pytest.fixture(scope="module")
+def tiny_text_encoder():
+    pytest.importorskip("transformers")
+    from transformers import Gemma2Model
+
+    from pid_decoder.text import TextEncoder
+
+    from .test_text import _gemma_config, _word_level_tokenizer
+
+    tokenizer = _word_level_tokenizer()
+    torch.manual_seed(0)
+    decoder = Gemma2Model(_gemma_config(len(tokenizer))).eval()
+    return TextEncoder("tiny-gemma", tokenizer=tokenizer, decoder=decoder, cache_dir=False, dtype=torch.float32)
+
+
+def test_embed_dataset_prepass_and_loader(tmp_path, tiny_text_encoder):
+    from pid_decoder.training.embed_dataset import embed_dataset
+
+    enc = tiny_text_encoder
+    root = _folder(tmp_path / "ds")
+    _save(root / "d.png", 32, 32, 6)  # a second square image, so "a" has a bucket-mate to be replaced by
+    (root / "d.txt").write_text("caption d")
+    report = embed_dataset(root, encoder=enc, batch_size=4)
+    out = root / ".text_embeddings"
+    # empty + a + b + c (two variants) + d + small (too small for TINY; embedding is table-independent)
+    assert (report.written, report.existing, report.out) == (7, 0, out)
+    assert (out / "samples" / "sub" / "c.prompt_short.safetensors").is_file()
+    again = embed_dataset(root, encoder=enc)
+    assert (again.written, again.existing) == (0, 7)  # resumable: nothing redone
+
+    loader = build_loader(root, buckets=TINY, num_workers=0, shuffle=False)  # embeddings found automatically
+    assert torch.allclose(loader.empty_text, enc.encode("")[0])
+    for _, batch in zip(range(len(loader)), loader):
+        assert batch["text"].shape == (1, 300, 32) and batch["text"].dtype == torch.float32
+        assert torch.allclose(batch["text"][0], enc.encode(batch["caption"][0])[0])
+
+    (root / "a.txt").write_text("a changed caption")  # stale embedding: replaced and counted, never fatal
+    stale = build_loader(root, buckets=TINY, num_workers=0, shuffle=False)
+    assert "a" not in [b["key"][0] for _, b in zip(range(len(stale)), stale)]
+    assert stale.counters["embedding_mismatch"] == 1
+    assert embed_dataset(root, encoder=enc).written == 1  # the rerun redoes only that caption
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ValueError, match="did not finish"):
+        build_loader(root, buckets=TINY, num_workers=0)
+    assert build_loader(root, buckets=TINY, num_workers=0, embeddings=None).empty_text is None
+
+
+def test_embed_dataset_cli(tmp_path, capsys):
+    from transformers import Gemma2ForCausalLM
+
+    from pid_decoder import cli
+
+    from .test_text import _gemma_config, _word_level_tokenizer
+
+    folder = tmp_path / "gemma"
+    tokenizer = _word_level_tokenizer()
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(_gemma_config(len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    root = tmp_path / "ds"
+    _save(root / "x.png", 32, 32)
+    (root / "x.txt").write_text("a red cat")
+    out = tmp_path / "emb"
+    code = cli.main(["embed", "--dataset", str(root), "--out", str(out), "--text-encoder", str(folder), "-q"])
+    assert code == 0 and capsys.readouterr().out.strip() == str(out)
+    assert (out / "samples" / "x.safetensors").is_file() and (out / "empty.safetensors").is_file()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["embed", "a prompt", "--dataset", str(root)])
+    assert exc.value.code == 2

@@ -135,7 +135,9 @@ def read_config(path: str) -> dict:
 def _embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt (\"\" for the empty prompt)")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("-o", "--output", "--out", help="output .safetensors file (with --dataset: the output folder)")
+    p.add_argument("--dataset", help="embed every caption of a training dataset (image folder or .tar shards), one "
+                   "file per sample, resumable; --out defaults to DATASET/.text_embeddings")
     p.add_argument("--text-encoder", default=None, help="Gemma-2-2b-it: a local folder or a hub id")
     p.add_argument("--device", default="cpu", help="device for Gemma (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -147,8 +149,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from .text import DEFAULT_TEXT_ENCODER, TextEncoder, embed_prompt_to_file
 
+    if args.dataset is not None:
+        return _embed_dataset(args)
     if (args.prompt is None) == (args.prompt_file is None):
         raise UsageError("give exactly one of PROMPT or --prompt-file")
+    if args.output is None:
+        raise UsageError("the output file -o/--output is required")
     prompt = args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(encoding="utf-8").strip()
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -159,6 +165,37 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 cmd_embed.arguments = _embed_args
+
+
+def _embed_dataset(args: argparse.Namespace) -> int:
+    """`embed --dataset DIR [--out DIR]`: the training text pre-pass (pid_decoder.training.embed_dataset)."""
+    from .text import DEFAULT_TEXT_ENCODER, TextEncoder
+    from .training.embed_dataset import embed_dataset
+
+    if args.prompt is not None or args.prompt_file is not None:
+        raise UsageError("--dataset embeds the dataset's captions: give no PROMPT or --prompt-file")
+    if not Path(args.dataset).exists() and "{" not in args.dataset:
+        raise UsageError(f"dataset not found: {args.dataset}")
+    encoder = TextEncoder(args.text_encoder or DEFAULT_TEXT_ENCODER, device=args.device, cache_dir=False)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="embed", unit="caption", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        report = embed_dataset(args.dataset, args.output, encoder=encoder, progress=progress if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(report.counters.items()) if v) or "none"
+    logger.info("wrote %d embeddings (%d were already done); skipped: %s", report.written, report.existing, skipped)
+    print(report.out)
+    return 0
 
 
 # --------------------------------------------------------------------------- decoding: shared options

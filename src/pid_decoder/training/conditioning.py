@@ -173,7 +173,7 @@ class LatentEncoder:
         name: str = "custom",
     ):
         if not callable(getattr(module, "encode", None)):
-            raise ValueError(f"a custom latent space needs a module with encode(images), got {type(module).__name__}")
+            raise TypeError(f"a custom latent space needs a module with encode(images), got {type(module).__name__}")
         config = getattr(module, "config", None)
         latent_channels = latent_channels if latent_channels is not None else getattr(config, "latent_channels", None)
         if down_factor is None and getattr(config, "block_out_channels", None) is not None:
@@ -210,7 +210,7 @@ class LatentEncoder:
         elif isinstance(getattr(dist, "mean", None), torch.Tensor):
             mean = dist.mean
         else:
-            raise ValueError(f"custom VAE encode returned {type(out).__name__}: expected a tensor or a latent_dist")
+            raise TypeError(f"custom VAE encode returned {type(out).__name__}: expected a tensor or a latent_dist")
         return self.scale * (mean.float() - self.shift)  # (B, C, h, w)
 
     def __repr__(self) -> str:

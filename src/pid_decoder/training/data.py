@@ -247,7 +247,7 @@ class ImageFolderSource:
             else:
                 try:
                     entry = [st.st_size, st.st_mtime_ns, *_image_size(path), None]
-                except Exception as exc:  # PIL raises many types for unreadable files
+                except Exception as exc:  # noqa: BLE001 - PIL raises many types for unreadable files
                     entry = [st.st_size, st.st_mtime_ns, 0, 0, f"{type(exc).__name__}: {exc}"]
             new_cache[rel] = entry
         except OSError as exc:
@@ -362,7 +362,7 @@ class WebDatasetSource:
                     try:
                         w, h = _image_size(tf.extractfile(image))
                         reason = None
-                    except Exception as exc:  # PIL raises many types for unreadable files
+                    except Exception as exc:  # noqa: BLE001 - PIL raises many types for unreadable files
                         w = h = 0
                         reason = f"corrupt: {type(exc).__name__}: {exc}"
                         logger.warning("skipping unreadable image %s in %s: %s", image.name, path, exc)
@@ -381,7 +381,7 @@ class WebDatasetSource:
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = open(self.shards[shard], "rb")
+            f = self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open per worker
         f.seek(offset)
         data = f.read(length)
         if len(data) != length:
@@ -462,7 +462,7 @@ class BucketDataset(torch.utils.data.Dataset):
             pos = int(members[(start + step) % len(members)])
             try:
                 sample = self._load(pos, epoch)
-            except Exception as exc:  # never fatal: record, try the next sample of the same bucket
+            except Exception as exc:  # noqa: BLE001 - never fatal: record, try the next sample of the same bucket
                 reason = getattr(exc, "reason", "load_failed")
                 key = self.source.keys[int(self.source_ids[pos])]
                 events.append((reason, f"{key}: {type(exc).__name__}: {exc}"))

@@ -56,7 +56,7 @@ def _recorded_prompt(path: Path) -> str | None:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return (f.metadata() or {}).get("prompt")
-    except Exception:  # a partial or foreign file is simply redone
+    except Exception:  # noqa: BLE001 - a partial or foreign file is simply redone
         return None
 
 
