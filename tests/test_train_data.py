@@ -280,6 +280,8 @@ def _shards(folder: Path) -> Path:
 
 
 def test_webdataset_shards(tmp_path):
+    import webdataset as wds
+
     folder = _shards(tmp_path / "shards")
     loader = build_loader(folder, buckets=TINY, batch_size=1, num_workers=0, shuffle=False)
     c = loader.counters
@@ -289,6 +291,16 @@ def test_webdataset_shards(tmp_path):
     assert got["000000/s1"]["caption"] == ["one"] and got["000000/s1"]["hq"].shape == (1, 3, 24, 32)
     x = torch.from_numpy(np.asarray(Image.open(io.BytesIO(_png(32, 32, 2)))).copy()).permute(2, 0, 1).float()
     assert torch.allclose(got["000001/s2"]["hq"][0], x / 127.5 - 1, atol=1e-6)
+    # the reference's layout: image/<rel>.tar + caption/<rel>.tar with the same sample keys
+    two = tmp_path / "modal"
+    for modality, sample in (("image", {"png": _png(40, 30, 1)}), ("caption", {"json": json.dumps({"caption": "c"})})):
+        (two / modality / "part_000000").mkdir(parents=True)
+        with wds.TarWriter(str(two / modality / "part_000000" / "000000.tar")) as sink:
+            sink.write({"__key__": "u1", **sample})
+    paired = build_loader(two, buckets=TINY, num_workers=0)
+    batch = next(iter(paired))
+    assert batch["key"] == ["000000/u1"] and batch["caption"] == ["c"]
+    assert batch["hq"].shape == (1, 3, 24, 32) and paired.counters["indexed"] == 1
     # the same shards by brace pattern and with two workers give the same batches
     pattern = str(folder / "{000000..000001}.tar")
     again = build_loader(pattern, buckets=TINY, batch_size=1, num_workers=2, shuffle=False)

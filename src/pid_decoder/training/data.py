@@ -28,6 +28,7 @@ at every batch, like the folder source. Shards must be plain (uncompressed) loca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -293,7 +294,11 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> l
 
 class WebDatasetSource:
     """Samples of WebDataset tar shards: members grouped by key (webdataset's own ``base_plus_ext`` rule),
-    an image (jpg/jpeg/png/webp) plus a caption (json, else txt). The key is ``<shard stem>/<sample key>``.
+    an image (jpg/jpeg/png/webp) plus a caption (json, else txt).
+
+    Two layouts: image and caption in the same tar, or the reference's one folder per modality
+    (``<root>/image/<rel>.tar`` with a same-named ``<root>/caption/<rel>.tar``), which are paired automatically.
+    The sample key is ``<shard path relative to the shards' common folder, without .tar>/<sample key>``.
 
     Each shard is indexed once (member offsets and image sizes; cached in ``index_cache`` when given) and then
     read by random access, which keeps the sampler's order and position exact.
@@ -301,111 +306,135 @@ class WebDatasetSource:
 
     kind = "webdataset"
 
-    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *, index_cache: str | os.PathLike | None = None):
-        self.shards = resolve_shards(shards)
-        if not self.shards:
+    def __init__(
+        self, shards: str | os.PathLike | Sequence[str | os.PathLike], *, index_cache: str | os.PathLike | None = None
+    ):
+        pairs = _pair_modalities(resolve_shards(shards))
+        if not pairs:
             raise ValueError(f"no WebDataset shards (*.tar) in {shards!r}")
-        stems = [p.with_suffix("").name for p in self.shards]
-        prefixes = stems if len(set(stems)) == len(stems) else [f"{i:06d}_{s}" for i, s in enumerate(stems)]
+        self.files: list[Path] = []  # every tar read: image shards and their caption companions
+        common = Path(os.path.commonpath([p.parent.resolve() for p, _ in pairs]))
         self.counters: Counter[str] = Counter()
         cache_path = Path(index_cache) if index_cache is not None else None
         cache = _read_cache(cache_path, self.kind)
         new_cache: dict[str, dict] = {}
         self.keys: list[str] = []
         self.sizes: list[tuple[int, int]] = []
-        self.members: list[tuple[int, int, int, int, int, str]] = []  # shard, img off/len, cap off/len, cap ext
-        for shard_id, (path, prefix) in enumerate(zip(self.shards, prefixes)):
-            st = path.stat()
+        self.members: list[tuple[int, int, int, int, int, int, str]] = []  # file/off/len of image, then caption
+        for path, companion in pairs:
+            prefix = path.resolve().with_suffix("").relative_to(common).as_posix()
+            ids = [len(self.files), len(self.files) + 1]
+            self.files += [path] if companion is None else [path, companion]
+            stat = [[f.stat().st_size, f.stat().st_mtime_ns] for f in (path, companion) if f is not None]
             entry = cache.get(str(path.resolve()))
-            if entry is None or entry.get("stat") != [st.st_size, st.st_mtime_ns]:
-                entry = {"stat": [st.st_size, st.st_mtime_ns], "samples": self._index_shard(path)}
+            if entry is None or entry.get("stat") != stat:
+                entry = {"stat": stat, "samples": self._index_shard(path, companion)}
             new_cache[str(path.resolve())] = entry
-            for key, img_off, img_len, cap_off, cap_len, cap_ext, w, h, reason in entry["samples"]:
+            for key, img_f, img_off, img_len, cap_f, cap_off, cap_len, cap_ext, w, h, reason in entry["samples"]:
                 if reason is not None:
                     self.counters[reason.split(":", 1)[0]] += 1
                     continue
                 self.keys.append(f"{prefix}/{key}")
                 self.sizes.append((w, h))
-                self.members.append((shard_id, img_off, img_len, cap_off, cap_len, cap_ext))
+                self.members.append((ids[img_f], img_off, img_len, ids[cap_f], cap_off, cap_len, cap_ext))
         if cache_path is not None:
             _write_json_atomic(cache_path, {"version": INDEX_VERSION, "kind": self.kind, "entries": new_cache})
-        self._files: dict[int, Any] = {}
+        self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
     @staticmethod
-    def _index_shard(path: Path) -> list[list]:
+    def _index_shard(path: Path, companion: Path | None) -> list[list]:
+        """[key, image file (0 shard, 1 companion), offset, length, caption file, offset, length, caption ext,
+        W, H, skip reason or None] per sample."""
         from webdataset.tariterators import base_plus_ext
 
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        groups: dict[str, dict[str, tuple[int, tarfile.TarInfo]]] = {}
         out: list[list] = []
-        try:
-            with tarfile.open(path, "r:") as tf:
-                for member in tf:
+        tars: list[tarfile.TarFile] = []
+        with contextlib.ExitStack() as stack:
+            for which, tar_path in enumerate(p for p in (path, companion) if p is not None):
+                try:
+                    tars.append(stack.enter_context(tarfile.open(tar_path, "r:")))
+                except tarfile.ReadError as exc:
+                    raise ValueError(
+                        f"{str(tar_path)!r} is not a readable uncompressed tar ({exc}); WebDataset shards must be "
+                        "plain .tar files"
+                    ) from exc
+                for member in tars[-1]:
                     if not member.isfile():
                         continue
                     key, ext = base_plus_ext(member.name)
                     if key is None or os.path.basename(key).startswith("__"):
                         continue
                     if key.startswith("/") or ".." in key.split("/"):  # keys name files (embeddings): stay inside
-                        logger.warning("skipping tar member %r of %s: unsafe name", member.name, path)
+                        logger.warning("skipping tar member %r of %s: unsafe name", member.name, tar_path)
                         continue
-                    groups.setdefault(key, {})[ext.lower()] = member
-                for key, parts in groups.items():
-                    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-                    cap_ext = next((e for e in CAPTION_EXTS if e in parts), None)
-                    if image is None:
-                        continue  # not an image sample (e.g. a stray metadata member)
-                    if cap_ext is None:
-                        out.append([key, 0, 0, 0, 0, "", 0, 0, "no_caption"])
-                        continue
-                    cap = parts[cap_ext]
-                    try:
-                        w, h = _image_size(tf.extractfile(image))
-                        reason = None
-                    except Exception as exc:  # noqa: BLE001 - PIL raises many types for unreadable files
-                        w = h = 0
-                        reason = f"corrupt: {type(exc).__name__}: {exc}"
-                        logger.warning("skipping unreadable image %s in %s: %s", image.name, path, exc)
-                    out.append([key, image.offset_data, image.size, cap.offset_data, cap.size, cap_ext, w, h, reason])
-        except tarfile.ReadError as exc:
-            raise ValueError(
-                f"{str(path)!r} is not a readable uncompressed tar ({exc}); WebDataset shards must be plain .tar files"
-            ) from exc
+                    groups.setdefault(key, {})[ext.lower()] = (which, member)
+            for key, parts in groups.items():
+                image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+                cap_ext = next((e for e in CAPTION_EXTS if e in parts), None)
+                if image is None:
+                    continue  # a caption or metadata member without an image
+                if cap_ext is None:
+                    out.append([key, 0, 0, 0, 0, 0, 0, "", 0, 0, "no_caption"])
+                    continue
+                (img_f, img), (cap_f, cap) = image, parts[cap_ext]
+                try:
+                    w, h = _image_size(tars[img_f].extractfile(img))
+                    reason = None
+                except Exception as exc:  # noqa: BLE001 - PIL raises many types for unreadable files
+                    w = h = 0
+                    reason = f"corrupt: {type(exc).__name__}: {exc}"
+                    logger.warning("skipping unreadable image %s in %s: %s", img.name, path, exc)
+                out.append([key, img_f, img.offset_data, img.size, cap_f, cap.offset_data, cap.size, cap_ext, w, h,
+                            reason])
         return out
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def _read(self, shard: int, offset: int, length: int) -> bytes:
+    def _read(self, file: int, offset: int, length: int) -> bytes:
         if self._pid != os.getpid():  # a forked DataLoader worker must not share file offsets with its parent
-            self._files, self._pid = {}, os.getpid()
-        f = self._files.get(shard)
+            self._handles, self._pid = {}, os.getpid()
+        f = self._handles.get(file)
         if f is None:
-            f = self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open per worker
+            f = self._handles[file] = open(self.files[file], "rb")  # noqa: SIM115 - kept open per worker
         f.seek(offset)
         data = f.read(length)
         if len(data) != length:
-            raise OSError(f"{self.shards[shard]} is shorter than its index says (re-index it)")
+            raise OSError(f"{self.files[file]} is shorter than its index says (re-index it)")
         return data
 
     def caption_value(self, i: int) -> Any:
-        shard, _, _, cap_off, cap_len, cap_ext = self.members[i]
-        text = self._read(shard, cap_off, cap_len).decode("utf-8")
+        _, _, _, cap_f, cap_off, cap_len, cap_ext = self.members[i]
+        text = self._read(cap_f, cap_off, cap_len).decode("utf-8")
         return json.loads(text) if cap_ext == "json" else text.strip()
 
     def open_image(self, i: int):
-        shard, img_off, img_len, *_ = self.members[i]
-        return _decode_image(io.BytesIO(self._read(shard, img_off, img_len)))
+        img_f, img_off, img_len, *_ = self.members[i]
+        return _decode_image(io.BytesIO(self._read(img_f, img_off, img_len)))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_files"] = {}  # open files never travel to worker processes
+        state["_handles"] = {}  # open files never travel to worker processes
         return state
 
 
-# --------------------------------------------------------------------------------------------------
-# Dataset: bucket assignment and sample loading
-# --------------------------------------------------------------------------------------------------
+def _pair_modalities(paths: list[Path]) -> list[tuple[Path, Path | None]]:
+    """Pair ``.../image/<rel>.tar`` with ``.../caption/<rel>.tar`` (the reference's layout); others stand alone."""
+    pairs: list[tuple[Path, Path | None]] = []
+    companions: set[Path] = set()
+    for path in paths:
+        parts = path.parts
+        if "image" in parts:
+            i = len(parts) - 1 - parts[::-1].index("image")
+            companion = Path(*parts[:i], "caption", *parts[i + 1 :])
+            if companion.is_file():
+                pairs.append((path, companion))
+                companions.add(companion.resolve())
+                continue
+        pairs.append((path, None))
+    return [(p, c) for p, c in pairs if p.resolve() not in companions]
 
 
 class BucketDataset(torch.utils.data.Dataset):
@@ -421,7 +450,7 @@ class BucketDataset(torch.utils.data.Dataset):
         self.embeddings = embeddings
         self.seed = int(seed)
         self.counters: Counter[str] = Counter(source.counters)
-        self.counters["indexed"] = len(source) + sum(source.counters.values())
+        self.counters["indexed"] = len(source) + sum(v for k, v in source.counters.items() if k != "bad_metadata_line")
         plans: dict[tuple[int, int], Bucket | None] = {}
         bucket_index = {b.key: i for i, b in enumerate(table.buckets)}
         kept, bucket_ids = [], []
