@@ -406,3 +406,15 @@ def test_training_load_of_a_file_without_the_aux_head_names_the_missing_keys(tmp
     with pytest.raises(ValueError, match="lq_aux_rgb_head"):
         load_network(path, _config("v15_flux"), training=True)
 
+
+
+def test_training_load_without_the_aux_head_in_the_config_drops_it():
+    from dataclasses import replace
+
+    config = _config("v15_flux")
+    config = replace(config, lq=replace(config.lq, aux_rgb_head=False))
+    net = load_network(GOLDEN_DIR / "v15_flux" / "model_ema_bf16.pth", config, training=True)
+    assert net.training and net.lq_proj.lq_aux_rgb_head is None
+    out = _losses(net, _case("v15_flux"))
+    assert set(out) == {"diffusion", "total"}
+    torch.testing.assert_close(out["diffusion"].detach(), _golden_run("v15_flux")[1]["diffusion"], rtol=1e-6, atol=0)

@@ -301,7 +301,8 @@ def load_network(
     ``training=True`` returns the network for training instead: float32 (``dtype`` must be float32), in train
     mode, every parameter requiring grad, its own memory (never a view of the file), and with the aux
     LQ-RGB head built and loaded from the file's ``lq_proj.lq_aux_rgb_head.*`` keys where the config has one
-    (v1.5 teachers, ``*_undistilled``); then the file must have those keys. Inference drops them.
+    (v1.5 teachers, ``*_undistilled``); then the file must have those keys. Inference, and training with a
+    config without the head (``LQConfig.aux_rgb_head=False``, e.g. a distillation student), drop them.
     """
     ckpt = checkpoint if isinstance(checkpoint, CheckpointFile) else open_checkpoint(checkpoint)
     dtype = parse_dtype(dtype)
@@ -310,7 +311,8 @@ def load_network(
                          "Use autocast for bf16 compute.")
     device = torch.device(device)
     cfg, chosen = _resolve_config(ckpt, config, preset)
-    mapping, dropped = network_keys(ckpt, training=training)
+    aux = training and cfg.lq is not None and cfg.lq.aux_rgb_head
+    mapping, dropped = network_keys(ckpt, training=aux)
     if dropped:
         logger.debug("ignoring %d keys not used at inference: %s", len(dropped), listing(dropped))
     shapes = {name: ckpt.shapes[key] for name, key in mapping.items()}
