@@ -36,6 +36,7 @@ import logging
 import os
 import tarfile
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("json", "txt")  # in a shard sample, json wins over txt
 CAPTION_KEYS = ("caption", "captions_qwen2p5_7b_v4")  # spec §1.4: exactly one must be present
 PROMPT_FIELDS = ("prompt", "prompt_medium", "prompt_short")  # chosen with equal weights
-MAX_IMAGE_PIXELS = 933_120_000  # the reference's decoder limit
+MAX_IMAGE_PIXELS = 933_120_000  # the reference's PIL setting (webdataset/decoders/image.py)
 EMBEDDINGS_DIRNAME = ".text_embeddings"  # default pre-pass output inside a dataset folder
 INDEX_VERSION = 1
 
@@ -109,24 +110,33 @@ def embedding_path(root: Path, key: str, variant: str | None) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def _image_size(fileobj) -> tuple[int, int]:
-    """(W, H) from the image header only; raises on anything PIL cannot identify."""
+@contextlib.contextmanager
+def _open_image(fileobj):
+    """PIL open with the reference's MAX_IMAGE_PIXELS instead of PIL's default (restored afterwards); PIL
+    refuses images over twice that as decompression bombs."""
     from PIL import Image
 
-    with Image.open(fileobj) as im:
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fileobj) as im:
+                yield im
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _image_size(fileobj) -> tuple[int, int]:
+    """(W, H) from the image header only; raises on anything PIL cannot identify."""
+    with _open_image(fileobj) as im:
         return im.size
 
 
 def _decode_image(fileobj):
     """Fully decode to 8-bit RGB (alpha over white, 16-bit scaled: `backbones.images`)."""
-    from PIL import Image
-
     from ..backbones.images import _to_rgb8
 
-    with Image.open(fileobj) as im:
-        w, h = im.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise ValueError(f"{w}x{h} is over the {MAX_IMAGE_PIXELS}-pixel limit")
+    with _open_image(fileobj) as im:
         im.load()
         return _to_rgb8(im)
 
@@ -507,7 +517,7 @@ class BucketDataset(torch.utils.data.Dataset):
         bucket = self.bucket_of(position)
         try:
             candidates = caption_candidates(self.source.caption_value(i))
-        except CaptionError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:  # CaptionError, malformed JSON, not UTF-8
             raise _Failure("bad_caption", str(exc)) from exc
         rng = np.random.default_rng([self.seed, epoch, i])
         caption, variant = choose_caption(candidates, rng)
