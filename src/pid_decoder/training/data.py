@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -568,6 +569,21 @@ def collate(samples: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Batches:
+    """One epoch's global batches: batch i is ``order[start[i]:end[i]]`` (positions of one bucket)."""
+
+    order: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.order[self.start[i] : self.end[i]]
+
+
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Shape-uniform, rank-sharded, deterministic batches; endless (epoch after epoch); resumable.
 
@@ -605,30 +621,35 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
         self.shuffle, self.drop_last, self.fingerprint = shuffle, drop_last, fingerprint
         self.epoch, self.position = 0, 0
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._cache: tuple[int, _Batches] | None = None
         self.batches_per_epoch = len(self.global_batches(0))
 
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
-    def global_batches(self, epoch: int) -> list[np.ndarray]:
-        """The epoch's global batches (arrays of positions), in order; computed once per epoch."""
+    def global_batches(self, epoch: int) -> _Batches:
+        """The epoch's global batches (arrays of positions) in order; computed once per epoch, O(n) memory."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, epoch])
         n, g = len(self.bucket_ids), self.global_batch_size
         perm = rng.permutation(n) if self.shuffle else np.arange(n)
         grouped = perm[np.argsort(self.bucket_ids[perm], kind="stable")]  # by bucket, shuffled within
-        bounds = np.flatnonzero(np.diff(self.bucket_ids[grouped])) + 1
-        batches: list[np.ndarray] = []
-        for members in np.split(grouped, bounds) if n else []:
-            for start in range(0, len(members), g):
-                chunk = members[start : start + g]
-                if len(chunk) == g or (not self.drop_last and len(chunk) >= self.world_size):
-                    batches.append(chunk)
+        edges = [0, *(np.flatnonzero(np.diff(self.bucket_ids[grouped])) + 1).tolist(), n] if n else [0]
+        starts, ends = [], []
+        for lo, hi in itertools.pairwise(edges):  # one bucket's members: grouped[lo:hi]
+            s = np.arange(lo, hi, g)
+            e = np.minimum(s + g, hi)
+            keep = (e - s == g) | ((e - s >= self.world_size) & (not self.drop_last))
+            starts.append(s[keep])
+            ends.append(e[keep])
+        start = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+        end = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
         if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
+            order = rng.permutation(len(start))
+            start, end = start[order], end[order]
+        batches = _Batches(grouped, start, end)
         self._cache = (epoch, batches)
         return batches
 
