@@ -269,6 +269,11 @@ class LQConditioner:
             )
         if net_config is not None:
             check_backbone_fits(backbone, net_config)
+        if getattr(backbone, "dtype", None) != torch.bfloat16:
+            logger.info(
+                "the %s encoder runs in %s; the reference encodes the LQ in bfloat16 "
+                "(load_backbone(..., dtype=torch.bfloat16))", backbone.name, getattr(backbone, "dtype", None),
+            )
 
     @property
     def pixel_multiple(self) -> int:
