@@ -469,6 +469,10 @@ def test_lq_conditioner_wraps_a_diffusers_vae(tiny_config):
     assert (cond.backbone.latent_channels, cond.backbone.down_factor, cond.frame) == (4, 8, "vp")
     lq = downsample_lq(_hq(1))
     assert torch.allclose(cond.backbone.encode(lq), load_backbone("sdxl", module=vae).encode(lq), atol=1e-6)
+    from .test_backbones import tiny_flux2
+
+    with pytest.raises(TypeError, match="load_backbone\\('flux2', module=vae\\)"):
+        LQConditioner(tiny_flux2())
 
 
 # --------------------------------------------------------------------------- text-embedding pre-pass

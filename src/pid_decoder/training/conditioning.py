@@ -31,6 +31,8 @@ NOISE_PROB = 0.75  # apply_prob (LNZ defaults)
 SIGMA_MIN, SIGMA_MAX = 0.0, 0.8  # add_sigma_min / add_sigma_max (TC 117-122)
 CAPTION_DROPOUT = 0.1  # pid_caption_lq: caption -> "" (CD conditioner_pid.py)
 LQ_DROPOUT = 0.1  # pid_caption_lq: LQ latent -> zeros
+# diffusers classes whose PiD normalisation needs the backbone classes (batch-norm, per-channel statistics)
+_NEEDS_BACKBONE = {"AutoencoderKLFlux2": "flux2", "AutoencoderKLQwenImage": "qwenimage", "AutoencoderRAE": "dinov2"}
 _FRAMES = {"flow": "flow", "flow_matching": "flow", "vp": "vp", "sdxl": "vp"}
 
 
@@ -251,6 +253,12 @@ class LQConditioner:
         from ..backbones import Backbone
 
         if not isinstance(backbone, (Backbone, LatentEncoder)):
+            kind = next((_NEEDS_BACKBONE[c.__name__] for c in type(backbone).__mro__ if c.__name__ in _NEEDS_BACKBONE), None)
+            if kind is not None:
+                raise TypeError(
+                    f"a {type(backbone).__name__} is normalised beyond scale/shift: pass "
+                    f"load_backbone({kind!r}, module=vae) instead of the bare module"
+                )
             backbone = LatentEncoder(backbone, noise_frame=noise_frame or "flow")
         self.backbone = backbone
         self.frame = _frame(noise_frame or backbone.noise_frame)
