@@ -232,14 +232,15 @@ def test_missing_and_empty_datasets(tmp_path):
         build_loader(_folder(tmp_path / "ds"), buckets=TINY, batch_size=4, drop_last=True, num_workers=0)
 
 
-def test_load_failure_is_replaced_and_counted(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_load_failure_is_replaced_and_counted(tmp_path, workers):
     root = tmp_path / "ds"
     for i in range(3):
         _save(root / f"{i}.png", 32, 32, i)
         (root / f"{i}.txt").write_text(f"c{i}")
     cut = (root / "1.png").read_bytes()
     (root / "1.png").write_bytes(cut[: len(cut) // 2])  # header fine, data truncated
-    loader = build_loader(root, buckets=TINY, batch_size=1, num_workers=0, shuffle=False)
+    loader = build_loader(root, buckets=TINY, batch_size=1, num_workers=workers, shuffle=False)
     keys = [b["key"][0] for _, b in zip(range(3), loader)]
     assert keys == ["0", "2", "2"]  # sample 1 replaced by the next sample of its bucket
     assert loader.counters["load_failed"] == 1 and loader.counters["replaced"] == 1
@@ -307,6 +308,30 @@ def test_webdataset_shards(tmp_path):
     assert [b["key"][0] for _, b in zip(range(3), again)] == [b["key"][0] for b in got.values()]
 
 
+def test_shard_member_names_cannot_escape(tmp_path):
+    import tarfile
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with tarfile.open(folder / "000000.tar", "w") as tf:
+        for name, data in (("../evil.png", _png(32, 32, 0)), ("../evil.txt", b"x"),
+                           ("ok.png", _png(32, 32, 1)), ("ok.txt", b"fine")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    loader = build_loader(folder, buckets=TINY, num_workers=0)
+    assert loader.counters["usable"] == 1 and next(iter(loader))["key"] == ["000000/ok"]
+
+
+def test_mixed_folder_needs_a_kind(tmp_path):
+    _shards(tmp_path / "mixed")
+    _save(tmp_path / "mixed" / "x.png", 32, 32)
+    (tmp_path / "mixed" / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match="kind='folder' or kind='webdataset'"):
+        build_loader(tmp_path / "mixed", buckets=TINY, num_workers=0)
+    assert build_loader(tmp_path / "mixed", buckets=TINY, num_workers=0, kind="folder").counters["usable"] == 1
+
+
 # --------------------------------------------------------------------------- sampler
 def _bucket_ids(n: int = 40) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 3, n)
@@ -368,6 +393,13 @@ def test_loader_resume_continues_exactly(tmp_path):
     rest = [b for _, b in zip(range(5), resumed)]
     for got, want in zip(rest, reference[7:12]):
         assert got["key"] == want["key"] and torch.equal(got["hq"], want["hq"])
+    # two ranks of the same run: disjoint samples, the same bucket at every step
+    ranks = [build_loader(root, **{**kw, "batch_size": 1, "world_size": 2, "rank": r, "num_workers": 0})
+             for r in (0, 1)]
+    steps = [[b for _, b in zip(range(len(r)), r)] for r in ranks]
+    seen = [k for rank_steps in steps for b in rank_steps for k in b["key"]]
+    assert len(seen) == len(set(seen)) == 8  # each 3-sample bucket's tail of 1 cannot be split over 2 ranks
+    assert all(a["hq"].shape == b["hq"].shape for a, b in zip(*steps))
     with pytest.raises(ValueError, match="another data setup"):
         build_loader(root, **{**kw, "seed": 6}).load_state_dict(state)
 
