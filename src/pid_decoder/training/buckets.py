@@ -228,8 +228,8 @@ def plan_resize(width: int, height: int, table: BucketTable) -> ResizePlan | Non
     if bucket is None or size is None:
         return None
     w, h = size
-    left = int(round((w - bucket.width) / 2))
-    top = int(round((h - bucket.height) / 2))
+    left = round((w - bucket.width) / 2)
+    top = round((h - bucket.height) / 2)
     resize = None if (w, h) == (width, height) else (w, h)
     return ResizePlan(bucket, resize, (left, top, left + bucket.width, top + bucket.height))
 
