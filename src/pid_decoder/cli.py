@@ -724,6 +724,118 @@ def cmd_generate(args: argparse.Namespace) -> int:
 cmd_generate.arguments = _generate_args
 
 
+# --------------------------------------------------------------------------- train / export (training/)
+def _train_common_args(p: argparse.ArgumentParser) -> None:
+    """CONFIG, --set and --resume: shared by `train` and `distill`."""
+    p.add_argument("config", help="a TOML training config (see configs/train/ and docs/training.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set optim.lr=1e-4 --set run.max_steps=100 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue run.dir from its newest checkpoint (or from PATH: a checkpoint or run directory)")
+
+
+def _load_train_config(args: argparse.Namespace):
+    from .training.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+
+
+@command("train", "train a PiD teacher (stage 1) or finetune PixelDiT (stage 0); one process or torchrun")
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError
+    from .training.trainer import train
+
+    cfg = _load_train_config(args)
+    if args.quiet:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
+    elif os.environ.get("RANK", "0") == "0":  # torchrun: print once
+        from .training.config import format_config
+
+        print(format_config(cfg), file=sys.stderr)
+    try:
+        result = train(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError, PermissionError) as err:
+        raise UsageError(str(err)) from None
+    if result.checkpoint is not None:
+        print(result.checkpoint)
+    return 0
+
+
+cmd_train.arguments = _train_common_args
+
+
+@command("distill", "distill a PiD teacher into the few-step student (DMD2, stage 2); one process or torchrun")
+def cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError, format_config
+    from .training.distill import distill
+
+    cfg = _load_train_config(args)
+    if cfg.distill is None:
+        raise UsageError(f"{args.config} has no [distill] section; start from configs/distill/ (docs/training.md)")
+    if args.quiet:
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
+    elif os.environ.get("RANK", "0") == "0":  # torchrun: print once
+        print(format_config(cfg), file=sys.stderr)
+    try:
+        result = distill(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError, PermissionError) as err:
+        raise UsageError(str(err)) from None
+    if result.checkpoint is not None:
+        print(result.checkpoint)
+    return 0
+
+
+cmd_distill.arguments = _train_common_args
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (holds config.json and checkpoints/)")
+    p.add_argument("-o", "--output", required=True, help="output file: .pth (release layout) or .safetensors")
+    p.add_argument("--format", choices=["pth", "safetensors"], help="default: from the output suffix")
+    p.add_argument("--which", choices=["ema", "net"], default="ema",
+                   help="the EMA weights (default, what the releases ship) or the raw trained weights")
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: its newest)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="stored dtype (default bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+@command("export", "write a training run's EMA weights as a .pth (release layout) or .safetensors file")
+def cmd_export(args: argparse.Namespace) -> int:
+    from .training.checkpoint import CheckpointError
+    from .training.export import export_format, export_run
+
+    out = Path(args.output)
+    try:
+        fmt = export_format(out, args.format)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if not Path(args.run_dir).is_dir():
+        raise UsageError(f"run directory not found: {args.run_dir}")
+    try:
+        path = export_run(args.run_dir, out, fmt, args.which, checkpoint=args.checkpoint, dtype=args.dtype)
+    except (CheckpointError, PermissionError) as err:
+        raise UsageError(str(err)) from None
+    print(path)
+    return 0
+
+
+cmd_export.arguments = _export_args
+
+
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__

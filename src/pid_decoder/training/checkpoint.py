@@ -21,11 +21,13 @@ plain dicts of tensors. Loading never unpickles code: non-tensor values are read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -211,7 +213,8 @@ class CheckpointManager:
             for stale in self.folder.glob(f"{TMP_PREFIX}*"):  # a save that crashed earlier
                 shutil.rmtree(stale, ignore_errors=True)
         barrier(self.info)
-        dcp.save(dict(state), checkpoint_id=str(tmp), no_dist=not self.info.enabled)
+        with _single_process_quiet():
+            dcp.save(dict(state), checkpoint_id=str(tmp), no_dist=not self.info.enabled)
         barrier(self.info)
         if self.info.is_main:
             if self.config is not None:
@@ -270,10 +273,19 @@ class CheckpointManager:
         path = Path(path)
         self.check_config(path)
         meta = json.loads((path / META).read_text())
-        dcp.load(dict(state), checkpoint_id=str(path), planner=_SafeLoadPlanner(), no_dist=not self.info.enabled)
+        with _single_process_quiet():
+            dcp.load(dict(state), checkpoint_id=str(path), planner=_SafeLoadPlanner(), no_dist=not self.info.enabled)
         step = int(broadcast_object(meta["step"], self.info))
         logger.info("resumed from %s (step %d)", path, step)
         return step
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes one process when there is no process group: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -315,5 +327,6 @@ def read_tensors(path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor
     if not template:
         names = sorted({k.split(".", 1)[0] for k in metadata.state_dict_metadata})
         raise CheckpointError(f"checkpoint {path} has no '{prefix}' entry; it holds: {', '.join(names)}")
-    dcp.load(template, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=True)
+    with _single_process_quiet():
+        dcp.load(template, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=True)
     return {k[len(head):]: v for k, v in template.items()}

@@ -2,11 +2,11 @@
 
     info = init_distributed("auto")                     # torchrun env: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*
     model = wrap_model(net, "fsdp", checkpointing=True, info=info)
-    v, aux = model.forward_train(x_t, t, text, lq, sigma)  # goes through the DDP / FSDP2 forward hooks
+    losses = teacher_losses(model, ...)                 # runs through the DDP / FSDP2 forward hooks
     unwrap(model)                                       # the PiDNet (FSDP2: its parameters are DTensor shards)
 
 Everything is applied from outside the network: `fully_shard` per transformer block and on the root, DDP around
-a one-line adapter, and activation checkpointing by wrapping each block's ``forward`` in
+`TrainingForward` (whose ``forward`` is ``net.forward_train``), and activation checkpointing by wrapping each block's ``forward`` in
 ``torch.utils.checkpoint.checkpoint``, so parameter names never change. ``gloo`` on CPU, ``nccl`` on CUDA.
 """
 
@@ -172,8 +172,8 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
         block._pid_checkpointed = True
 
 
-class _TrainForward(nn.Module):
-    """``forward`` = ``net.forward_train``: lets DDP hook the training evaluation."""
+class TrainingForward(nn.Module):
+    """``forward`` = ``net.forward_train`` (the training evaluation), so DDP's hooks see it."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -184,7 +184,8 @@ class _TrainForward(nn.Module):
 
 
 class TrainDDP(nn.parallel.DistributedDataParallel):
-    """DDP around a PiDNet: ``forward_train`` runs through DDP; other attributes (``config``) are the net's."""
+    """DDP around `TrainingForward(net)`: ``forward_train`` runs through DDP (gradient all-reduce), and the
+    net's other attributes (``config``) read through. Only ``forward_train`` may run the network."""
 
     def forward_train(self, *args, **kwargs):
         return self(*args, **kwargs)
@@ -193,7 +194,8 @@ class TrainDDP(nn.parallel.DistributedDataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("module").net, name)
+            inner = super().__getattr__("module")
+            return getattr(inner.net if isinstance(inner, TrainingForward) else inner, name)
 
 
 def wrap_model(
@@ -215,7 +217,9 @@ def wrap_model(
         blocks: the blocks to shard / recompute (default: `default_blocks`, a PiDNet's patch and pixel blocks).
         forward_methods: methods besides ``forward`` that run the network (FSDP2 registers their hooks).
 
-    Returns a module with the net's ``forward_train`` and attributes (``config``); `unwrap` gives the net.
+    Returns the module to train: the net itself ("single", "fsdp", where FSDP2 hooks ``forward_train`` too) or
+    `TrainDDP` (``forward_train`` through DDP); each has ``forward_train`` and ``config``, so `teacher_losses`
+    takes it as it is. `unwrap` gives the net.
     Build optimizers and EMAs from ``unwrap(model).parameters()`` AFTER this call (FSDP2 replaces them).
     """
     info = info or DistInfo()
@@ -228,12 +232,14 @@ def wrap_model(
         raise ValueError(f"parallel mode {mode!r} needs a process group: launch with torchrun")
     if mode == "ddp":
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return TrainDDP(_TrainForward(net), device_ids=device_ids, find_unused_parameters=False, broadcast_buffers=True)
+        inner = TrainingForward(net) if hasattr(net, "forward_train") else net
+        return TrainDDP(inner, device_ids=device_ids, find_unused_parameters=False, broadcast_buffers=True)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(info.device.type, (info.world,))
+        _scalars_to_vectors(net)
         for block in blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(net, mesh=mesh)
@@ -244,12 +250,23 @@ def wrap_model(
     raise ValueError(f"parallel mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
+def _scalars_to_vectors(net: nn.Module) -> None:
+    """FSDP2 cannot shard 0-d parameters (the gates' ``log_alpha``): make them shape (1,), same name and value.
+
+    The network broadcasts them as before; their checkpoints under FSDP2 hold (1,) tensors, which `export`
+    and the validation copy reshape back.
+    """
+    for module in net.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.ndim == 0:
+                module._parameters[name] = nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a `wrap_model` result (the model itself for "single" and "fsdp")."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        inner = model.module
-        return inner.net if isinstance(inner, _TrainForward) else inner
-    return model
+        model = model.module
+    return model.net if isinstance(model, TrainingForward) else model
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

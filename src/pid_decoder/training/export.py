@@ -69,12 +69,13 @@ def load_run_network(
     if which == "ema" and buffers:  # the EMA covers parameters; buffers come from the network entry
         net_entry = read_tensors(path, "net")
         tensors = {**{k: net_entry[k] for k in buffers if k in net_entry}, **tensors}
-    problems = key_problems({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in tensors.items()})
+    shape = lambda v: tuple(v.shape) if v.ndim else (1,)  # noqa: E731 - FSDP2 runs store 0-d parameters as (1,)
+    problems = key_problems({k: shape(v) for k, v in own.items()}, {k: shape(v) for k, v in tensors.items()})
     if problems:
         raise CheckpointError(f"checkpoint {path} ({entry}) does not match the run's network: " + "; ".join(problems))
     with torch.no_grad():
         for name, tensor in own.items():
-            tensor.copy_(tensors[name])
+            tensor.copy_(tensors[name].reshape(tensor.shape))  # FSDP2 runs store 0-d parameters as (1,)
     net.requires_grad_(False)
     logger.info("loaded %s weights of %s", entry, path)
     return net.eval()

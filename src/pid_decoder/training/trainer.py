@@ -6,8 +6,9 @@
 One step: batch -> LQ condition (backbone encode, noising, dropout) -> text -> t, noise -> `teacher_losses`
 under bf16 autocast over float32 weights -> backward (/ grad_accum) -> nan->0, clip -> fused AdamW (skipped
 on a non-finite norm) -> warm-up LR -> power EMA -> metrics. The only host syncs are at logging intervals.
-All randomness comes from generators seeded with ``run.seed + rank`` and saved in every checkpoint, so a
-resumed run's next step equals the uninterrupted run's.
+Every draw of a sample comes from a generator seeded by (run.seed, the sample's global index), so a resumed
+run's next step equals the uninterrupted run's, and N ranks compute what one process computes with the same
+global batch (the reference seeds per rank instead and is not reproducible, spec Q16).
 
 Reusable pieces (the distillation loop uses them): `build_optimizer`, `build_scheduler`, `optimizer_step`,
 `StopSignal`, `prepare_run` / `RunContext`, `build_backbone`, `text_source`, `init_network`,
@@ -429,6 +430,59 @@ def build_data(ctx: RunContext):
     return loader
 
 
+# --------------------------------------------------------------------------- per-sample randomness
+# Every random draw of a training sample comes from a generator seeded by (run seed, the sample's global index,
+# stream). So a sample sees the same t, noise, LQ noising and dropout whatever the number of ranks, the batch
+# split or a resume: one process with global batch G and N ranks with G / N each compute the same step.
+STREAM_CONDITION, STREAM_STEP = 1, 2
+
+
+def sample_seed(seed: int, index: int, stream: int) -> int:
+    """A 63-bit seed for sample ``index`` of stream ``stream`` of a run seeded with ``seed`` (splitmix64 mix)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
+
+
+def draw_condition(conditioner, hq: torch.Tensor, seeds: list[int], generator: torch.Generator):
+    """`LQConditioner` semantics with one generator per sample (reseeded from ``seeds``): downsample, encode the
+    batch once, then per sample: noise apply, sigma, latent noise, caption dropout, LQ dropout (spec §2)."""
+    from .conditioning import LQCondition, latent_noise
+    from .degrade import downsample_lq
+
+    lq_image = downsample_lq(hq)  # (B, 3, H/4, W/4)
+    z = conditioner.encode(lq_image)  # (B, C, h, w)
+    draws = []
+    for seed in seeds:
+        generator.manual_seed(seed)
+        u = torch.rand(5, generator=generator)  # apply, sigma, caption drop, LQ drop, spare
+        eps = torch.randn(z.shape[1:], generator=generator)  # (C, h, w)
+        draws.append((u, eps))
+    u = torch.stack([d[0] for d in draws])  # (B, 5)
+    apply = u[:, 0] < conditioner.noise_prob
+    sigma = conditioner.sigma_min + (conditioner.sigma_max - conditioner.sigma_min) * u[:, 1]
+    eps = torch.stack([d[1] for d in draws]).to(z.device, non_blocking=True)  # (B, C, h, w)
+    z, degrade_sigma = latent_noise(z, apply=apply, sigma=sigma, eps=eps, frame=conditioner.frame)
+    caption_drop = u[:, 2] < conditioner.caption_dropout
+    lq_drop = (u[:, 3] < conditioner.lq_dropout).to(z.device)
+    z = z * (~lq_drop).view(-1, 1, 1, 1).to(z.dtype)  # (B, C, h, w); a dropped LQ is all zeros
+    lq_keep = (z != 0).flatten(1).any(dim=1)  # (B,), derived from the tensor as the reference does
+    return LQCondition(lq_image, z, degrade_sigma, lq_keep, caption_drop, None)
+
+
+def draw_time_noise(shape: tuple[int, ...], seeds: list[int], generator: torch.Generator, device: torch.device):
+    """Per sample: t = sigmoid(N(0, 1)) (before the shift), then the image noise (B, 3, H, W), on ``device``."""
+    from .losses import logit_normal
+
+    ts, noises = [], []
+    for seed in seeds:
+        generator.manual_seed(seed)
+        ts.append(logit_normal(1, generator, device))
+        noises.append(torch.randn(shape, generator=generator, device=device))
+    return torch.cat(ts), torch.stack(noises)
+
+
 # --------------------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
@@ -461,9 +515,9 @@ def train(
         stop: a `StopSignal` (default: a new one, installed for SIGTERM/SIGINT during the loop).
         on_step: called as ``on_step(step, metrics)`` after every optimizer step (metrics: device tensors).
     """
-    from .conditioning import LQConditioner, dropout_mask
+    from .conditioning import LQConditioner
     from .logging import RunLogger
-    from .losses import LossWeights, logit_normal, teacher_losses
+    from .losses import LossWeights, teacher_losses
     from .params import set_trainable
     from .schedules import EMA
 
@@ -493,10 +547,9 @@ def train(
     ctx.text = TextSource(text_mode, net_config, empty=loader.empty_text, encoder=cfg.data.text_encoder, device=device)
 
     # ---- 2. generators (seed + rank), network, wrapping, optimizer, schedule, EMA
-    seed = cfg.run.seed + info.rank
-    torch.manual_seed(seed)
-    gen_cond = torch.Generator("cpu").manual_seed(seed)  # LQ noising and dropout draws (small, on the host)
-    gen_step = torch.Generator(device).manual_seed(seed + (1 << 32))  # t and the image noise, on the device
+    torch.manual_seed(cfg.run.seed + info.rank)
+    gen_cond = torch.Generator("cpu")  # LQ noising and dropout draws (small, on the host), reseeded per sample
+    gen_step = torch.Generator(device)  # t and the image noise, on the device, reseeded per sample
     net = init_network(cfg, device, torch.Generator("cpu").manual_seed(cfg.run.seed))
     trainable = set_trainable(net, cfg.model.trainable)
     logger.info("%d trainable tensors (%.1f M of %.1f M parameters), mode %s, parallel %s", len(trainable),
@@ -520,6 +573,7 @@ def train(
     # ---- 3. the loop
     weights = LossWeights()
     accum = cfg.optim.grad_accum
+    global_batch = cfg.data.batch_size * info.world
     stop = stop or StopSignal()
     validator = Validator(ctx, model, ema, cfg) if cfg.validation.every else None
     log = RunLogger(ctx.run_dir, cfg.run.max_steps, start, info=info, tensorboard=cfg.log.tensorboard,
@@ -537,16 +591,20 @@ def train(
                 batch = next(batches)
                 hq = batch["hq"].to(device, non_blocking=True)  # (B, 3, H, W)
                 b, _, height, width = hq.shape
+                first = (step * accum + micro) * global_batch + info.rank * cfg.data.batch_size
+                indices = range(first, first + b)
+                cond_seeds = [sample_seed(cfg.run.seed, i, STREAM_CONDITION) for i in indices]
                 if teacher:
-                    cond = ctx.conditioner(hq, gen_cond)
+                    cond = draw_condition(ctx.conditioner, hq, cond_seeds, gen_cond)
                     lq_latent, sigma, lq_image, keep = cond.lq_latent, cond.degrade_sigma, cond.lq_image, cond.lq_keep
                     drop = cond.caption_drop
                 else:
                     lq_latent = sigma = lq_image = keep = None
-                    drop = dropout_mask(b, cfg.conditioning.caption_dropout, gen_cond)
+                    drop = torch.tensor([torch.rand(1, generator=gen_cond.manual_seed(sd)).item()
+                                         < cfg.conditioning.caption_dropout for sd in cond_seeds])
                 text = ctx.text(batch, drop)  # (B, T, D)
-                t = logit_normal(b, gen_step, device)  # (B,) before the shift
-                noise = torch.randn(hq.shape, generator=gen_step, device=device)  # (B, 3, H, W)
+                step_seeds = [sample_seed(cfg.run.seed, i, STREAM_STEP) for i in indices]
+                t, noise = draw_time_noise(tuple(hq.shape[1:]), step_seeds, gen_step, device)  # (B,), (B, 3, H, W)
                 shift = _shift(cfg, height, width)
                 with _autocast(cfg, device):
                     losses = teacher_losses(
@@ -630,7 +688,7 @@ class Validator:
                 self._copy = PiDNet(net_config, aux_head=aux).eval().requires_grad_(False)
         with torch.no_grad():
             for name, p in self._copy.named_parameters():
-                p.copy_(full[name])
+                p.copy_(full[name].reshape(p.shape))  # 0-d parameters are (1,) under FSDP2
         return self._copy
 
     @torch.no_grad()
