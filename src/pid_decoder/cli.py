@@ -760,10 +760,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .training.config import format_config
 
         print(format_config(cfg), file=sys.stderr)
+    import torch.distributed as dist
+
     try:
         result = train(cfg, resume=args.resume)
     except (ConfigError, CheckpointError, PermissionError) as err:
         raise UsageError(str(err)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if result.checkpoint is not None:
         print(result.checkpoint)
     return 0

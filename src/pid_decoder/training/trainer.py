@@ -228,9 +228,27 @@ def init_lq_weights(net: nn.Module, generator: torch.Generator | None = None) ->
         gate.log_alpha.fill_(math.log(5.0))
 
 
+@torch.no_grad()
+def init_scratch_weights(net: nn.Module) -> None:
+    """DiT-style start for a network trained from scratch (no ``model.init``): every adaLN modulation and the final
+    pixel projection are zero, so each block starts as the identity and the output starts at 0. The released
+    runs never train from scratch (they start from PixelDiT weights); tiny test networks learn much faster so."""
+    for name, module in net.named_modules():
+        if "adaLN_modulation" in name and isinstance(module, nn.Linear):
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+    final = getattr(getattr(net, "final_layer", None), "linear", None)
+    if final is not None:
+        final.weight.zero_()
+        if final.bias is not None:
+            final.bias.zero_()
+
+
 def init_network(cfg: TrainConfig, device: torch.device, generator: torch.Generator | None = None) -> nn.Module:
     """The float32 training network: the config's architecture (aux head as configured), weights from
-    ``model.init`` (a full file, or a PixelDiT file whose missing LQ branch gets `init_lq_weights`) or random."""
+    ``model.init`` (a full file, or a PixelDiT file whose missing LQ branch gets `init_lq_weights`), or from
+    scratch (`init_scratch_weights`, `init_lq_weights`)."""
     from ..checkpoints import network_keys, open_checkpoint
     from ..keys import key_problems
     from ..model.net import PiDNet
@@ -244,7 +262,9 @@ def init_network(cfg: TrainConfig, device: torch.device, generator: torch.Genera
     else:
         net = PiDNet(net_config, aux_head=aux)
     init_lq_weights(net, generator)
-    if cfg.model.init:
+    if not cfg.model.init:
+        init_scratch_weights(net)
+    else:
         ckpt = open_checkpoint(cfg.model.init)
         mapping, _ = network_keys(ckpt, training=True)
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -360,7 +380,10 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.run.stage == "pixeldit" and cfg.model.trainable != "full":
         raise ConfigError("run.stage = \"pixeldit\" has no LQ branch to train alone: set model.trainable = \"full\"")
     if net.lq is not None:
-        channels, down, _ = backbone_facts(cfg.conditioning.backbone)
+        try:
+            channels, down, _ = backbone_facts(cfg.conditioning.backbone)
+        except ValueError as err:
+            raise ConfigError(f"conditioning.backbone: {err} (or \"pixels\" for tiny test runs)") from None
         if (channels, down) != (net.lq.latent_channels, net.lq.latent_down_factor):
             raise ConfigError(
                 f"conditioning.backbone {cfg.conditioning.backbone!r} gives {channels}-channel latents at 1/{down} of "
