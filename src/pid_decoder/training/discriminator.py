@@ -70,6 +70,12 @@ class Discriminator(nn.Module):
         """features: one (B, D, Hs, Ws) map per index in ``self.indices`` -> logits (B, n_heads)."""
         if len(features) != len(self.cls_pred_heads):
             raise ValueError(f"expected {len(self.indices)} feature maps (blocks {self.indices}), got {len(features)}")
+        for f in features:
+            if f.ndim != 4 or f.shape[1] != self.inner_dim or min(f.shape[-2:]) < 2:
+                raise ValueError(
+                    f"discriminator features must be (B, {self.inner_dim}, Hs>=2, Ws>=2), got {tuple(f.shape)}: "
+                    "the head's stride-2 conv needs a patch grid of at least 2x2 (images >= 2 patches per side)"
+                )
         return torch.cat([head(f) for head, f in zip(self.cls_pred_heads, features)], dim=1)  # (B, n_heads)
 
 

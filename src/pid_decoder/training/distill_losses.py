@@ -59,17 +59,23 @@ def draw_randomness(
     critic: bool = False,
     clamp: tuple[float, float] = (0.02, 0.99),
     device: torch.device | str = "cpu",
+    rows: slice | None = None,
 ) -> DistillDraws:
     """Draw one iteration's randomness from ``generator`` in the reference's order (spec §8):
-    student noise -> k -> perturbation normal -> eps (-> R1 noise in the critic step)."""
+    student noise -> k -> perturbation normal -> eps (-> R1 noise in the critic step).
+
+    ``shape`` is the batch the draws are made for; ``rows`` keeps a slice of it (a rank's part of the global
+    batch, so that any number of processes with the same global batch draws the same numbers).
+    """
     B = shape[0]
     gen_dev = generator.device
+    keep = rows if rows is not None else slice(None)
 
     def randn(s):
-        return torch.randn(s, generator=generator, device=gen_dev).to(device)
+        return torch.randn(s, generator=generator, device=gen_dev)[keep].to(device)
 
     noise = randn(shape)
-    k = torch.randint(0, num_t, (B,), generator=generator, device=gen_dev).to(device)
+    k = torch.randint(0, num_t, (B,), generator=generator, device=gen_dev)[keep].to(device)
     t = perturbation_t(randn((B,)), clamp)
     eps = randn(shape)
     r1 = randn(shape) if critic else None
