@@ -372,3 +372,32 @@ def test_alternation_order_over_two_cycles(tiny_setup):
     for name, m in (("net", G), ("fake_score", Fk), ("discriminator", D)):
         assert any(not torch.equal(p, before[name][k]) for k, p in m.named_parameters()), name
     assert all(p.grad is None for m in (G, Fk, D) for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- released recipe configs
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2", "qwenimage"])
+@pytest.mark.parametrize("res", ["2048", "3840"])
+def test_released_recipe_configs(family, res):
+    from pathlib import Path
+
+    from pid_decoder.training.config import ConfigError, load_config
+    from pid_decoder.training.distill import check_distill_config, student_net_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "distill" / f"distill-{family}-{res}.toml"
+    cfg = load_config(path)
+    d = cfg.distill
+    assert (d.student_update_freq, d.sample_steps, d.teacher_cfg_scale, d.t_clamp) == (6, 4, 3.0, (0.02, 0.99))
+    assert d.t_list == (0.999, 0.866, 0.634, 0.342, 0.0) and d.feature_indices == (7,)
+    assert (d.gan_weight, d.gan_warmup, d.r1_weight, d.r1_alpha) == (0.05, 100, 200.0, 0.1)
+    assert (d.fake_score_lr, d.fake_score_weight_decay, d.discriminator_lr, d.discriminator_weight_decay) == (
+        1e-5, 1e-3, 1e-5, 0.0)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.warmup_start) == (1e-5, 0.0, 100, 1e-6)
+    assert (cfg.optim.grad_clip, cfg.ema.rate, cfg.run.max_steps, cfg.data.batch_size) == (0.1, 0.1, 3000, 1)
+    assert (cfg.conditioning.caption_dropout, cfg.conditioning.lq_dropout, cfg.conditioning.noise_prob) == (0.1, 0.0, 0.75)
+    assert cfg.conditioning.backbone == family and f"official_{family}_undistilled" in d.teacher
+    net = student_net_config(cfg)
+    assert net.lq.aux_rgb_head is False and net.lq.latent_channels == (128 if family == "flux2" else 16)
+    with pytest.raises(ConfigError, match="distill.teacher not found"):  # the only problem: no weights here
+        check_distill_config(cfg)
