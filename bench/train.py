@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from decode import MEDIUM, network_flops  # noqa: E402
+from decode import MEDIUM, network_flops
 
-from pid_decoder.config import LQConfig, NetConfig  # noqa: E402
+from pid_decoder.config import LQConfig, NetConfig
 
 TINY = NetConfig(
     hidden_size=32, num_groups=2, patch_depth=2, patch_size=16, pixel_hidden_size=16, pixel_attn_hidden_size=16,
@@ -199,7 +199,7 @@ def main() -> None:
                 case = {"size": size, "height": int(h), "width": int(w or h), "batch": args.batch or DEFAULT_BATCH[size],
                         "precision": args.precision, "device": args.device, "threads": args.threads,
                         "steps": args.steps, "warmup": args.warmup, "checkpointing": ckpt == "on"}
-                proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
+                proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, check=False,
                                       text=True, cwd=ROOT)
                 if proc.returncode != 0:
                     tail = proc.stderr.strip().splitlines()[-1:] or ["failed"]

@@ -342,3 +342,45 @@ def test_cli_export(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", str(tmp_path), "-o", str(tmp_path / "x.pth")])
     assert exit_.value.code == 2 and "not a training run directory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- released recipes
+RECIPES = {  # file: (stage, preset or None, buckets, batch, lr, weight decay, shift, grad accum, latent channels)
+    "teacher-flux-2048": ("teacher", "flux-4k-undistilled", "2048", 2, 5e-5, 1e-3, "dynamic", 1, 16),
+    "teacher-flux-3840": ("teacher", "flux-4k-undistilled", "multires_2048_3840", 1, 5e-5, 1e-3, "dynamic", 1, 16),
+    "teacher-flux2-2048": ("teacher", "flux2-4k-undistilled", "2048", 2, 5e-5, 1e-3, "dynamic", 1, 128),
+    "teacher-flux2-3840": ("teacher", "flux2-4k-undistilled", "multires_2048_3840", 1, 5e-5, 1e-3, "dynamic", 1, 128),
+    "teacher-qwenimage-2048": ("teacher", "qwenimage-4k-undistilled", "2048", 2, 5e-5, 1e-3, "dynamic", 1, 16),
+    "teacher-qwenimage-3840": ("teacher", "qwenimage-4k-undistilled", "multires_2048_3840", 1, 5e-5, 1e-3, "dynamic",
+                               1, 16),
+    "pixeldit-2048": ("pixeldit", None, "2048", 1, 1e-5, 0.0, "static", 1, None),
+    "pixeldit-3840": ("pixeldit", None, "multires_2048_3840", 1, 1e-5, 0.0, "dynamic", 2, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_released_recipes(name):
+    from pid_decoder.presets import resolve_preset
+    from pid_decoder.training.trainer import validate_config
+
+    stage, preset, buckets, batch, lr, wd, shift, accum, channels = RECIPES[name]
+    cfg = load_config(TINY.parent / f"{name}.toml")
+    assert (cfg.run.stage, cfg.data.buckets, cfg.data.batch_size) == (stage, buckets, batch)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.shift, cfg.optim.grad_accum) == (lr, wd, shift, accum)
+    assert (cfg.optim.betas, cfg.optim.eps, cfg.optim.warmup_steps, cfg.optim.warmup_start) == ((0.9, 0.999), 1e-8,
+                                                                                                2000, 1e-6)
+    assert (cfg.optim.grad_clip, cfg.ema.rate, cfg.run.precision, cfg.conditioning.caption_dropout) == (0.1, 0.1,
+                                                                                                       "bf16", 0.1)
+    assert (cfg.checkpoint.every, cfg.log.every, cfg.loss.static_shift, cfg.loss.base_size) == (5000, 50, 6.0, 2048)
+    assert cfg.model.init == "checkpoints/PixelDiT_finetune_2kto4k/model_ema_bf16.pth"
+    net = cfg.net_config
+    if stage == "teacher":
+        assert net == resolve_preset(preset).net and net.lq.latent_channels == channels and net.lq.aux_rgb_head
+        assert (cfg.model.trainable, cfg.run.max_steps) == ("fix_backbone", 30_000)
+        assert (cfg.conditioning.noise_prob, cfg.conditioning.sigma_max, cfg.conditioning.lq_dropout) == (0.75, 0.8, 0.1)
+    else:
+        assert net.lq is None and cfg.model.trainable == "full"
+        assert net.rope_mode == ("original" if name.endswith("2048") else "ntk_aware")
+        assert (net.rope_ref_h, net.hidden_size, net.patch_depth) == (2048, 1536, 14)
+    with pytest.raises(ConfigError, match="model.init file not found"):  # everything else validates
+        validate_config(cfg)

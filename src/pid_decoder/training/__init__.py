@@ -28,7 +28,8 @@ _EXPORTS = {
     "distill": "distill",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["TrainConfig", "distill", "distill_critic_losses", "distill_student_losses", "export_run", "load_config",
+           "teacher_losses", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -145,7 +146,7 @@ def _python_state() -> dict[str, torch.Tensor]:
 def _set_python_state(state: dict[str, torch.Tensor]) -> None:
     values = state["ints"].tolist()
     gauss = float(state["gauss"][0])
-    random.setstate((values[0], tuple(values[1:]), None if gauss != gauss else gauss))
+    random.setstate((values[0], tuple(values[1:]), None if math.isnan(gauss) else gauss))
 
 
 def _numpy_state() -> dict[str, torch.Tensor]:
@@ -169,7 +170,7 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value) -> None:
         obj = torch.load(value, weights_only=True)
         if self.flatten_state_dict:
-            from torch.distributed.checkpoint._traverse import set_element  # noqa: PLC0415
+            from torch.distributed.checkpoint._traverse import set_element
 
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["single", "ddp", "fsdp"]
 MODES = ("single", "ddp", "fsdp")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
     backend: str | None = None
 
     @property

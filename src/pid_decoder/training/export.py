@@ -69,7 +69,7 @@ def load_run_network(
     if which == "ema" and buffers:  # the EMA covers parameters; buffers come from the network entry
         net_entry = read_tensors(path, "net")
         tensors = {**{k: net_entry[k] for k in buffers if k in net_entry}, **tensors}
-    shape = lambda v: tuple(v.shape) if v.ndim else (1,)  # noqa: E731 - FSDP2 runs store 0-d parameters as (1,)
+    shape = lambda v: tuple(v.shape) if v.ndim else (1,)
     problems = key_problems({k: shape(v) for k, v in own.items()}, {k: shape(v) for k, v in tensors.items()})
     if problems:
         raise CheckpointError(f"checkpoint {path} ({entry}) does not match the run's network: " + "; ".join(problems))

@@ -111,9 +111,8 @@ class RunLogger:
         """Record a saved image (TensorBoard shows it too)."""
         if not self.active or self._tb is None:
             return
-        from PIL import Image
-
         import numpy as np
+        from PIL import Image
 
         with Image.open(path) as img:
             self._tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")

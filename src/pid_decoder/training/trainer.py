@@ -18,18 +18,15 @@ Reusable pieces (the distillation loop uses them): `build_optimizer`, `build_sch
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +35,16 @@ from torch import nn
 from ..backbones.base import Backbone, BackboneInfo
 from .checkpoint import CheckpointError, CheckpointManager, ModelState, OptimizerState, RNGState
 from .config import ConfigError, OptimConfig, TrainConfig, format_config
-from .distributed import DistInfo, any_rank, choose_mode, full_tensor, init_distributed, mean_over_ranks, unwrap, wrap_model
+from .distributed import (
+    DistInfo,
+    any_rank,
+    choose_mode,
+    full_tensor,
+    init_distributed,
+    mean_over_ranks,
+    unwrap,
+    wrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: to
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: check model.trainable")
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
     if cfg.fused and device.type in ("cuda", "cpu"):
         try:
             return torch.optim.AdamW(params, fused=True, **kwargs)
@@ -124,7 +130,7 @@ class StopSignal:
         logger.warning("received %s: saving a checkpoint at the next step boundary, then stopping",
                        signal.Signals(signum).name)
 
-    def __enter__(self) -> StopSignal:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -291,14 +297,14 @@ class TextSource:
     Gemma through `TextEncoder` (with its disk cache), or an all-zero embedding ("zeros", no captions)."""
 
     def __init__(self, mode: str, net_config, *, empty: torch.Tensor | None = None, encoder: str = "",
-                 device: torch.device = torch.device("cpu")) -> None:
-        self.mode, self.empty, self.device = mode, empty, device
+                 device: torch.device | None = None) -> None:
+        self.mode, self.empty, self.device = mode, empty, device or torch.device("cpu")
         self.dim, self.length = net_config.txt_embed_dim, net_config.txt_max_length
         self.encoder = None
         if mode == "encoder":
             from ..text import DEFAULT_TEXT_ENCODER, TextEncoder
 
-            self.encoder = TextEncoder(encoder or DEFAULT_TEXT_ENCODER, device=device)
+            self.encoder = TextEncoder(encoder or DEFAULT_TEXT_ENCODER, device=self.device)
 
     def __call__(self, batch: dict, drop: torch.Tensor) -> torch.Tensor:
         """(B, T, D) float32 on the device for the batch, captions in ``drop`` (B,) bool replaced by ""."""
@@ -394,7 +400,11 @@ def validate_config(cfg: TrainConfig) -> None:
         if net.lq.sr_scale != 4:
             raise ConfigError(f"the training LQ is the HQ image / 4, but the network has lq.sr_scale={net.lq.sr_scale}")
     if cfg.model.init and not Path(cfg.model.init).is_file():
-        raise ConfigError(f"model.init file not found: {cfg.model.init}")
+        raise ConfigError(
+            f"model.init file not found: {cfg.model.init}. The released recipes start from the release's "
+            "checkpoints/PixelDiT_finetune_2kto4k/model_ema_bf16.pth (download it, or set model.init to its path; "
+            "model.init = \"\" trains from scratch)"
+        )
 
 
 def prepare_run(cfg: TrainConfig, *, resume: str | bool | None = None, info: DistInfo | None = None) -> RunContext:
@@ -407,8 +417,7 @@ def prepare_run(cfg: TrainConfig, *, resume: str | bool | None = None, info: Dis
     info = info or init_distributed(cfg.run.device)
     mode = choose_mode(cfg.run.parallel, info)
     run_dir = Path(cfg.run.dir)
-    if info.is_main:
-        check_writable(run_dir, "run.dir")
+    check_writable(run_dir, "run.dir")  # every rank checks (a shared filesystem), so every rank fails alike
     manager = CheckpointManager(run_dir, cfg.checkpoint.keep_last, info=info, config=cfg.to_dict())
     resume_from = manager.resolve(resume)
     if resume is not None and resume is not False and resume_from is None:
@@ -417,7 +426,7 @@ def prepare_run(cfg: TrainConfig, *, resume: str | bool | None = None, info: Dis
         logger.info("no checkpoint in %s yet: starting from step 0", run_dir)
     if resume_from is not None:
         manager.check_config(resume_from)
-    elif info.is_main and manager.latest() is not None:
+    elif manager.latest() is not None:
         raise CheckpointError(
             f"{run_dir} already holds checkpoints ({manager.latest().name}); pass --resume to continue that run "
             "or choose a new run.dir"
@@ -442,7 +451,7 @@ def build_data(ctx: RunContext):
         loader = build_loader(
             cfg.data.path, buckets=_bucket_table(cfg.data.buckets), batch_size=cfg.data.batch_size,
             seed=cfg.run.seed, rank=ctx.info.rank, world_size=ctx.info.world, num_workers=cfg.data.num_workers,
-            kind=cfg.data.kind, embeddings=embeddings, index_cache=index_cache if ctx.info.is_main else None,
+            kind=cfg.data.kind, embeddings=embeddings, index_cache=index_cache,
             pin_memory=ctx.info.device.type == "cuda",
         )
     except FileNotFoundError as err:
