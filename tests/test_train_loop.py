@@ -384,3 +384,32 @@ def test_released_recipes(name):
         assert (net.rope_ref_h, net.hidden_size, net.patch_depth) == (2048, 1536, 14)
     with pytest.raises(ConfigError, match="model.init file not found"):  # everything else validates
         validate_config(cfg)
+
+
+# --------------------------------------------------------------------------- text from the pre-pass
+def test_trains_on_precomputed_text_embeddings(tmp_path):
+    pytest.importorskip("transformers")
+    import shutil
+
+    from transformers import Gemma2Model
+
+    from pid_decoder.text import TextEncoder
+    from pid_decoder.training.embed_dataset import embed_dataset
+
+    from .test_text import HIDDEN, _gemma_config, _word_level_tokenizer
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    tokenizer = _word_level_tokenizer()
+    torch.manual_seed(0)
+    encoder = TextEncoder("tiny-gemma", tokenizer=tokenizer, decoder=Gemma2Model(_gemma_config(len(tokenizer))).eval(),
+                          cache_dir=False, dtype=torch.float32)
+    embed_dataset(data, encoder=encoder)
+    cfg = tiny(tmp_path / "run", f"data.path={json.dumps(str(data))}", 'data.text="embeddings"',
+               f"model.net.txt_embed_dim={HIDDEN}", "run.max_steps=3", "checkpoint.every=100",
+               "conditioning.caption_dropout=0.5", "validation.every=3", "validation.steps=2")
+    losses, result = run_losses(cfg)
+    assert result.step == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert (tmp_path / "run" / "validation" / "step_000000003.png").is_file()
+    with pytest.raises(ConfigError, match="has no embedding folder"):
+        train(tiny(tmp_path / "run2", 'data.text="embeddings"', "run.max_steps=1"))

@@ -769,7 +769,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if result.checkpoint is not None:
+    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
         print(result.checkpoint)
     return 0
 
