@@ -274,8 +274,15 @@ class CheckpointManager:
         path = Path(path)
         self.check_config(path)
         meta = json.loads((path / META).read_text())
+        state = dict(state)
+        saved = _saved_prefixes(path)
+        for name, value in list(state.items()):
+            if isinstance(value, RNGState) and f"{name}.rank{value.rank}" not in saved:
+                # another world size: per-rank RNG states exist only for the ranks that wrote the checkpoint
+                logger.warning("checkpoint %s has no RNG state for rank %d; keeping the seeded one", path, value.rank)
+                del state[name]
         with _single_process_quiet():
-            dcp.load(dict(state), checkpoint_id=str(path), planner=_SafeLoadPlanner(), no_dist=not self.info.enabled)
+            dcp.load(state, checkpoint_id=str(path), planner=_SafeLoadPlanner(), no_dist=not self.info.enabled)
         step = int(broadcast_object(meta["step"], self.info))
         logger.info("resumed from %s (step %d)", path, step)
         return step
@@ -287,6 +294,14 @@ def _single_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
+
+
+def _saved_prefixes(path: Path) -> set[str]:
+    """``entry.sub`` prefixes (first two name parts) of a checkpoint's keys."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {".".join(k.split(".")[:2]) for k in keys}
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -611,6 +611,7 @@ def train(
     log = RunLogger(ctx.run_dir, cfg.run.max_steps, start, info=info, tensorboard=cfg.log.tensorboard,
                     progress=cfg.log.progress)
     sums = torch.zeros(3, device=device)  # total, diffusion, lq_align since the last log line
+    since = 0  # steps in `sums`
     last_saved = start if ctx.resume_from is not None else None
     record: dict[str, float] = {}
     batches = iter(loader)
@@ -650,18 +651,19 @@ def train(
             grad_norm = optimizer_step(params, optimizer, scheduler, cfg.optim.grad_clip)
             ema.update(step)  # beta from the iteration before the increment (§5.5)
             step += 1
+            since += 1
             log.step(step, images)
             if on_step is not None:
                 on_step(step, {"loss": losses["total"].detach(), "grad_norm": grad_norm})
             if step % cfg.log.every == 0 or step == cfg.run.max_steps:
-                n = cfg.log.every if step % cfg.log.every == 0 else step % cfg.log.every
-                avg = (mean_over_ranks(sums, info) / n).tolist()  # the loop's host sync
+                avg = (mean_over_ranks(sums, info) / since).tolist()  # the loop's host sync
                 record = log.metrics(step, {
                     "loss": avg[0], "diffusion": avg[1], **({"lq_align": avg[2]} if teacher else {}),
                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                     **{f"data_{k}": v for k, v in loader.counters.items() if k not in ("indexed", "usable")},
                 })
                 sums.zero_()
+                since = 0
             if validator is not None and step % cfg.validation.every == 0:
                 path = validator.run(step)
                 if path is not None:
