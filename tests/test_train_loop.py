@@ -413,3 +413,20 @@ def test_trains_on_precomputed_text_embeddings(tmp_path):
     assert (tmp_path / "run" / "validation" / "step_000000003.png").is_file()
     with pytest.raises(ConfigError, match="has no embedding folder"):
         train(tiny(tmp_path / "run2", 'data.text="embeddings"', "run.max_steps=1"))
+
+
+def test_unchecked_lq_encode_equals_the_conditioner(tmp_path):
+    from pid_decoder.training.conditioning import LQConditioner
+    from pid_decoder.training.degrade import downsample_lq
+    from pid_decoder.training.trainer import PixelsBackbone, encode_lq
+
+    cond = LQConditioner(PixelsBackbone(), tiny(tmp_path).net_config)
+    lq = downsample_lq(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert torch.equal(encode_lq(cond, lq), cond.encode(lq))
+
+
+def test_import_pid_decoder_does_not_import_training():
+    code = "import sys, pid_decoder, pid_decoder.cli; print(sorted(m for m in sys.modules if '.training' in m))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert out.strip() == "[]"

@@ -484,7 +484,7 @@ def draw_condition(conditioner, hq: torch.Tensor, seeds: list[int], generator: t
     from .degrade import downsample_lq
 
     lq_image = downsample_lq(hq)  # (B, 3, H/4, W/4)
-    z = conditioner.encode(lq_image)  # (B, C, h, w)
+    z = encode_lq(conditioner, lq_image)  # (B, C, h, w)
     draws = []
     for seed in seeds:
         generator.manual_seed(seed)
@@ -501,6 +501,17 @@ def draw_condition(conditioner, hq: torch.Tensor, seeds: list[int], generator: t
     z = z * (~lq_drop).view(-1, 1, 1, 1).to(z.dtype)  # (B, C, h, w); a dropped LQ is all zeros
     lq_keep = (z != 0).flatten(1).any(dim=1)  # (B,), derived from the tensor as the reference does
     return LQCondition(lq_image, z, degrade_sigma, lq_keep, caption_drop, None)
+
+
+@torch.no_grad()
+def encode_lq(conditioner, lq_image: torch.Tensor) -> torch.Tensor:
+    """``conditioner.encode`` without `Backbone.encode`'s input checks: their NaN test reads a device value on the
+    host every step, and the LQ image is ours (a clamped downsample of a checked bucket size)."""
+    backbone = conditioner.backbone
+    if not isinstance(backbone, Backbone):
+        return conditioner.encode(lq_image)
+    z = backbone._encode(lq_image.to(backbone.device, torch.float32)).float()  # (B, C, h, w)
+    return z.to(torch.bfloat16).float() if conditioner.round_bf16 else z  # parity: bf16 encoder output (§2.2)
 
 
 def draw_time_noise(shape: tuple[int, ...], seeds: list[int], generator: torch.Generator, device: torch.device):
