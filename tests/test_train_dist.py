@@ -39,14 +39,20 @@ from pid_decoder.training.trainer import train
 from pid_decoder.training.distributed import init_distributed, shutdown
 info = init_distributed("cpu")
 for mode, run_dir in json.loads(sys.argv[1]).items():
-    train(load_config(sys.argv[2], json.loads(sys.argv[3])[mode]), info=info)
+    sets = json.loads(sys.argv[3])[mode]
+    if mode == "fsdp":  # stop after step 2, then resume: sharded model, optimizer and EMA go through a checkpoint
+        train(load_config(sys.argv[2], sets + ["run.max_steps=2"]), info=info)
+        train(load_config(sys.argv[2], sets), info=info, resume=True)
+    else:
+        train(load_config(sys.argv[2], sets), info=info)
 shutdown(info)
 """
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Rank-pair runs (DDP, FSDP2: batch 2 per rank) in one torchrun launch, and a one-process run (batch 4)."""
+    """Rank-pair runs (DDP, FSDP2: batch 2 per rank; FSDP2 stopped after step 2 and resumed) in one torchrun launch,
+    and a one-process run (batch 4)."""
     tmp = tmp_path_factory.mktemp("dist")
     dirs = {"ddp": tmp / "ddp", "fsdp": tmp / "fsdp"}
     script = tmp / "two_ranks.py"
