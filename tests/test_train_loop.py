@@ -378,6 +378,9 @@ def test_released_recipes(name):
         assert net == resolve_preset(preset).net and net.lq.latent_channels == channels and net.lq.aux_rgb_head
         assert (cfg.model.trainable, cfg.run.max_steps) == ("fix_backbone", 30_000)
         assert (cfg.conditioning.noise_prob, cfg.conditioning.sigma_max, cfg.conditioning.lq_dropout) == (0.75, 0.8, 0.1)
+        loss = cfg.loss
+        assert (loss.diffusion_weight, loss.lq_align_weight, loss.lq_align_y_weight, loss.lq_align_chroma_weight,
+                loss.lq_align_eps, loss.lq_align_sigma_power) == (1.0, 0.8, 0.25, 1.0, 1e-3, 1.0)
     else:
         assert net.lq is None and cfg.model.trainable == "full"
         assert net.rope_mode == ("original" if name.endswith("2048") else "ntk_aware")

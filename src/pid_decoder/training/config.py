@@ -145,9 +145,19 @@ class LossConfig:
     static_shift: float = 6.0  # shift = static_shift (static), or base_shift * sqrt(sqrt(H*W) / base_size)
     base_shift: float = 6.0
     base_size: int = 2048
+    diffusion_weight: float = 1.0
+    lq_align_weight: float = 0.8  # v1.5 aux LQ-RGB alignment loss (only with the aux head)
+    lq_align_y_weight: float = 0.25  # YCbCr weights of the Charbonnier difference
+    lq_align_chroma_weight: float = 1.0
+    lq_align_eps: float = 1e-3
+    lq_align_sigma_power: float = 1.0  # per-sample weight (1 - sigma)^p
 
     def __post_init__(self) -> None:
-        _positive(self, "static_shift", "base_shift", "base_size")
+        _positive(self, "static_shift", "base_shift", "base_size", "lq_align_eps")
+        for name in ("diffusion_weight", "lq_align_weight", "lq_align_y_weight", "lq_align_chroma_weight",
+                     "lq_align_sigma_power"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -614,7 +614,11 @@ def train(
     step = start = int(progress["step"])
 
     # ---- 3. the loop
-    weights = LossWeights()
+    weights = LossWeights(
+        diffusion=cfg.loss.diffusion_weight, lq_align=cfg.loss.lq_align_weight, y_weight=cfg.loss.lq_align_y_weight,
+        chroma_weight=cfg.loss.lq_align_chroma_weight, eps=cfg.loss.lq_align_eps,
+        sigma_power=cfg.loss.lq_align_sigma_power,
+    )
     accum = cfg.optim.grad_accum
     global_batch = cfg.data.batch_size * info.world
     stop = stop or StopSignal()
