@@ -410,7 +410,8 @@ def test_trains_on_precomputed_text_embeddings(tmp_path):
     embed_dataset(data, encoder=encoder)
     cfg = tiny(tmp_path / "run", f"data.path={json.dumps(str(data))}", 'data.text="embeddings"',
                f"model.net.txt_embed_dim={HIDDEN}", "run.max_steps=3", "checkpoint.every=100",
-               "conditioning.caption_dropout=0.5", "validation.every=3", "validation.steps=2")
+               "conditioning.caption_dropout=0.5", "validation.every=3", "validation.steps=2",
+               "validation.cfg_scale=2.0")
     losses, result = run_losses(cfg)
     assert result.step == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert (tmp_path / "run" / "validation" / "step_000000003.png").is_file()

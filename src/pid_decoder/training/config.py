@@ -186,7 +186,7 @@ class ValidationConfig:
     every: int = 2500  # steps between grids (0: never)
     images: int = 2  # the first N images of the dataset, in order
     steps: int = 25
-    cfg_scale: float = 1.0  # classifier-free guidance against the empty caption (1: off)
+    cfg_scale: float = 1.0  # CFG against the negative prompt (Gemma) or the empty caption (pre-pass files); 1: off
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -319,6 +319,17 @@ class TextSource:
         captions, _ = apply_caption_dropout(batch["caption"], drop)
         return self.encoder.encode(captions).to(self.device, non_blocking=True)
 
+    def negative(self, text: torch.Tensor) -> torch.Tensor:
+        """The CFG negative for validation: the reference's negative prompt (encoder), else the empty caption's
+        embedding (pre-pass files), else zeros; shaped like ``text`` (B, T, D)."""
+        if self.mode == "encoder":
+            neg = self.encoder.encode_negative(text.shape[0]).to(self.device)
+        elif self.mode == "embeddings":
+            neg = self.empty.to(self.device)[None].expand(text.shape[0], -1, -1)
+        else:
+            return torch.zeros_like(text)
+        return neg
+
     def fixed(self, captions: list[str], texts: torch.Tensor | None) -> torch.Tensor:
         """Embeddings of fixed captions (validation), without dropout."""
         drop = torch.zeros(len(captions), dtype=torch.bool)
@@ -773,7 +784,7 @@ class Validator:
                     text = sample["text"][None].to(device)  # (1, T, D)
                 else:
                     text = ctx.text.fixed([sample["caption"]], None)
-                negative = torch.zeros_like(text) if cfg.validation.cfg_scale != 1.0 else None
+                negative = ctx.text.negative(text) if cfg.validation.cfg_scale != 1.0 else None
                 z = decoded = None
                 if ctx.conditioner is not None:
                     z = ctx.conditioner.encode(downsample_lq(hq))  # (1, C, h, w), clean
