@@ -434,3 +434,25 @@ def test_import_pid_decoder_does_not_import_training():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
                          capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.strip() == "[]"
+
+
+def test_init_from_a_file_without_lq_branch_starts_the_lq_branch_fresh(trained, tmp_path):
+    import math
+
+    from pid_decoder.training.trainer import init_network
+
+    full = torch.load(export_run(trained, tmp_path / "full.pth", dtype="fp32"), weights_only=True)
+    backbone_only = {k: v for k, v in full.items() if not k.startswith(("net.lq_proj.", "net.pit_lq_gate."))}
+    torch.save(backbone_only, tmp_path / "pixeldit.pth")
+    cfg = tiny(tmp_path / "run", f"model.init={json.dumps(str(tmp_path / 'pixeldit.pth'))}")
+    net = init_network(cfg, torch.device("cpu"))
+    state = net.state_dict()
+    assert all(torch.equal(state[k.removeprefix("net.")], v) for k, v in backbone_only.items())
+    heads = [*net.lq_proj.output_heads, net.lq_proj.pit_head]
+    assert all(not h.weight.any() and not h.bias.any() for h in heads)  # LQ injection starts at exactly 0
+    gates = [*net.lq_proj.gate_modules, net.pit_lq_gate]
+    assert all(torch.all(g.content_proj.bias == 2.0) and math.isclose(float(g.log_alpha), math.log(5), rel_tol=1e-6)
+               for g in gates)
+    torch.save({**backbone_only, "net.extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"does not fit the configured network: unexpected keys: extra\.weight"):
+        init_network(tiny(tmp_path / "run", f"model.init={json.dumps(str(tmp_path / 'bad.pth'))}"), torch.device("cpu"))

@@ -204,7 +204,7 @@ def init_lq_weights(net: nn.Module, generator: torch.Generator | None = None) ->
     if lq is None:
         return
 
-    def trunc(w: torch.Tensor, std: float) -> None:
+    def trunc(w: torch.Tensor, std: float) -> None:  # drawn on the host: the same values on every device
         w.copy_(torch.randn(w.shape, generator=generator).mul_(std).clamp_(-2.0, 2.0))
 
     for module in lq.latent_proj.modules():
@@ -261,11 +261,11 @@ def init_network(cfg: TrainConfig, device: torch.device, generator: torch.Genera
 
     net_config = cfg.net_config
     aux = net_config.lq is not None and net_config.lq.aux_rgb_head
-    if generator is not None:
-        with torch.random.fork_rng(devices=[]):
+    # Built on the training device: no full host copy per rank (the file's tensors are copied in place below).
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), torch.device(device):
+        if generator is not None:
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            net = PiDNet(net_config, aux_head=aux)
-    else:
         net = PiDNet(net_config, aux_head=aux)
     init_lq_weights(net, generator)
     if not cfg.model.init:
@@ -280,8 +280,8 @@ def init_network(cfg: TrainConfig, device: torch.device, generator: torch.Genera
         problems = key_problems({k: v for k, v in expected.items() if k in found or not lq_only}, found)
         if problems:
             raise ValueError(f"model.init {cfg.model.init} does not fit the configured network: " + "; ".join(problems))
-        state = {name: ckpt.tensor(key).to(torch.float32, copy=True) for name, key in mapping.items()}
-        net.load_state_dict(state, strict=not lq_only)
+        state = {name: ckpt.tensor(key) for name, key in mapping.items()}  # file tensors (mmap where possible)
+        net.load_state_dict(state, strict=not lq_only)  # copied into the float32 parameters one by one
         if lq_only:
             logger.info("model.init has no LQ branch (%d keys): it starts from the reference's fresh init", len(missing))
     for module in net.modules():
