@@ -451,7 +451,7 @@ def test_init_from_a_file_without_lq_branch_starts_the_lq_branch_fresh(trained, 
     heads = [*net.lq_proj.output_heads, net.lq_proj.pit_head]
     assert all(not h.weight.any() and not h.bias.any() for h in heads)  # LQ injection starts at exactly 0
     gates = [*net.lq_proj.gate_modules, net.pit_lq_gate]
-    assert all(torch.all(g.content_proj.bias == 2.0) and math.isclose(float(g.log_alpha), math.log(5), rel_tol=1e-6)
+    assert all(torch.all(g.content_proj.bias == 2.0) and math.isclose(float(g.log_alpha.detach()), math.log(5), rel_tol=1e-6)
                for g in gates)
     torch.save({**backbone_only, "net.extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"does not fit the configured network: unexpected keys: extra\.weight"):
