@@ -53,10 +53,14 @@ def load_run_network(
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{run_dir} is not a training run directory (no config.json)")
-    cfg = config_from_dict(json.loads(config_file.read_text()))
     path = Path(checkpoint) if checkpoint is not None else CheckpointManager(run_dir).latest()
     if path is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet (nothing under {run_dir / 'checkpoints'})")
+    if checkpoint is not None and not (path / "meta.json").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
+    if (path / "config.json").is_file():  # the config the checkpoint was written with
+        config_file = path / "config.json"
+    cfg = config_from_dict(json.loads(config_file.read_text()))
     entry = "net_ema" if which == "ema" else "net"
     tensors = read_tensors(path, entry)
     net_config = cfg.net_config
