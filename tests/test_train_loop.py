@@ -456,3 +456,19 @@ def test_init_from_a_file_without_lq_branch_starts_the_lq_branch_fresh(trained, 
     torch.save({**backbone_only, "net.extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=r"does not fit the configured network: unexpected keys: extra\.weight"):
         init_network(tiny(tmp_path / "run", f"model.init={json.dumps(str(tmp_path / 'bad.pth'))}"), torch.device("cpu"))
+
+
+def test_validation_grid_and_checkpoint_contents(trained, tmp_path):
+    from PIL import Image
+
+    latest = CheckpointManager(trained).latest()
+    names = {k.split(".")[0] for k in ckpt_module._saved_prefixes(latest)}
+    assert names == {"net", "net_ema", "optim", "scheduler", "data", "rng", "trainer"}
+    trainer = {"step": -1}
+    ckpt_module.dcp.load({"trainer": trainer}, checkpoint_id=str(latest), planner=ckpt_module._SafeLoadPlanner(),
+                         no_dist=True)
+    assert trainer["step"] == 4
+    # two validation images, columns: backbone decode | EMA sample | HQ target, 64 px each, 4 px padding
+    train(tiny(tmp_path / "v", "run.max_steps=1", "validation.every=1", "validation.steps=2"))
+    with Image.open(tmp_path / "v" / "validation" / "step_000000001.png") as grid:
+        assert grid.size == (3 * 64 + 4 * 4, 2 * 64 + 3 * 4)

@@ -600,8 +600,8 @@ def train(
         )
     ctx.text = TextSource(text_mode, net_config, empty=loader.empty_text, encoder=cfg.data.text_encoder, device=device)
 
-    # ---- 2. generators (seed + rank), network, wrapping, optimizer, schedule, EMA
-    torch.manual_seed(cfg.run.seed + info.rank)
+    # ---- 2. generators, network, wrapping, optimizer, schedule, EMA
+    torch.manual_seed(cfg.run.seed + info.rank)  # the global RNGs (the loop's own draws use per-sample seeds)
     gen_cond = torch.Generator("cpu")  # LQ noising and dropout draws (small, on the host), reseeded per sample
     gen_step = torch.Generator(device)  # t and the image noise, on the device, reseeded per sample
     net = init_network(cfg, device, torch.Generator("cpu").manual_seed(cfg.run.seed))
@@ -698,14 +698,14 @@ def train(
                 stopped = True
                 break
             if step % cfg.checkpoint.every == 0:
+                progress["step"] = step
                 ctx.manager.save(step, state)
                 last_saved = step
     # ---- 4. final checkpoint (also after a stop signal)
+    progress["step"] = step
     checkpoint = ctx.manager.latest()
     if last_saved != step:
-        progress["step"] = step
         checkpoint = ctx.manager.save(step, state)
-    progress["step"] = step
     if stopped:
         log.message(f"stopped at step {step}; resume with --resume")
     log.close()
