@@ -14,7 +14,7 @@ TEACHER_CONFIG = ROOT / "configs" / "train" / "tiny-cpu.toml"
 DISTILL_CONFIG = ROOT / "configs" / "distill" / "tiny-cpu.toml"
 DATA = ROOT / "configs" / "train" / "tiny-data"
 RES = 32  # 2x2 patch grid: the smallest the discriminator head takes
-ITERS = 12  # two student/critic cycles
+ITERS = 8  # student updates at iterations 0 and 6, critic updates in between
 QUIET = ["log.progress=false", "log.tensorboard=false", f'data.path="{DATA}"', f'data.buckets="square-{RES}"']
 ENTRIES = ("net", "net_ema", "fake_score", "discriminator")
 
@@ -36,7 +36,7 @@ def teacher_run(tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("teacher") / "run"
     cfg = load_config(TEACHER_CONFIG, QUIET + [
-        f'run.dir="{run}"', "run.max_steps=150", "data.batch_size=4", "optim.lr=3e-3", "validation.every=0",
+        f'run.dir="{run}"', "run.max_steps=30", "data.batch_size=4", "optim.lr=3e-3", "validation.every=0",
         "checkpoint.every=1000",
     ])
     train(cfg)
@@ -49,7 +49,7 @@ def student_run(teacher_run, tmp_path_factory) -> Path:
     from pid_decoder.training.distill import distill
 
     run = tmp_path_factory.mktemp("student") / "run"
-    result = distill(_distill_cfg(run, teacher_run))
+    result = distill(_distill_cfg(run, teacher_run, f"validation.every={ITERS}", "validation.steps=4"))
     assert result.step == ITERS and not result.stopped
     return run
 
@@ -71,9 +71,12 @@ def test_distill_records_both_phases_and_keeps_the_teacher_out_of_the_checkpoint
     with pytest.raises(Exception, match="no 'teacher' entry"):
         read_tensors(path, "teacher")
     lines = [json.loads(x) for x in (student_run / "metrics.jsonl").read_text().splitlines()]
-    last = lines[-1]
+    last = [x for x in lines if "vsd" in x][-1]
     for key in ("vsd", "gan_gen", "dsm", "disc", "r1", "grad_norm", "lr"):
         assert key in last and last[key] == last[key], key  # present and not NaN
+    val = [x for x in lines if "val_student_teacher_l1" in x]
+    assert len(val) == 1 and 0 < val[0]["val_student_teacher_l1"] < 2 and val[0]["step"] == ITERS
+    assert (student_run / "validation" / f"step_{ITERS:09d}.png").is_file()
     state = _final(student_run)
     assert not any(k.startswith("lq_proj.lq_aux_rgb_head") for k in state["net"])  # aux head off (spec §1)
     assert set(state["discriminator"]) == {f"cls_pred_heads.0.{i}.{n}" for i in (0, 1, 3) for n in ("weight", "bias")}
@@ -87,11 +90,11 @@ def test_kill_and_resume_equals_uninterrupted(teacher_run, student_run, tmp_path
     stop = StopSignal()
 
     def on_step(step, _):
-        if step == 7:  # mid-cycle: the next iteration is a critic one
+        if step == 5:  # mid-cycle: the next iteration is a critic one, the one after it a student one
             stop.request()
 
     first = distill(_distill_cfg(run, teacher_run), stop=stop, on_step=on_step)
-    assert first.stopped and first.step == 7
+    assert first.stopped and first.step == 5
     second = distill(_distill_cfg(run, teacher_run), resume=True)
     assert second.step == ITERS and not second.stopped
     resumed, straight = _final(run), _final(student_run)
