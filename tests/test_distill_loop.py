@@ -109,7 +109,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, run: str, teacher: str) -> None:
+def _rank_main(rank: int, world: int, port: int, run: str, teacher: str, parallel: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -118,21 +118,28 @@ def _rank_main(rank: int, world: int, port: int, run: str, teacher: str) -> None
 
     info = init_distributed("cpu")
     try:
-        distill(_distill_cfg(Path(run), Path(teacher), "data.batch_size=1", 'run.parallel="ddp"'), info=info)
+        distill(_distill_cfg(Path(run), Path(teacher), "data.batch_size=1", f'run.parallel="{parallel}"'), info=info)
     finally:
         shutdown(info)
 
 
-def test_two_gloo_processes_equal_one_process(teacher_run, student_run, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process(teacher_run, student_run, tmp_path, parallel):
     import torch.multiprocessing as mp
 
-    run = tmp_path / "ddp"
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(run), str(teacher_run)), nprocs=2, join=True,
+    run = tmp_path / parallel
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(run), str(teacher_run), parallel), nprocs=2, join=True,
                        start_method="spawn")
     two, one = _final(run), _final(student_run)  # 2 ranks x batch 1 vs 1 process x batch 2
+    # Same draws and data; only the gradient summation order differs (all-reduce / reduce-scatter), which Adam
+    # turns into differences of ~1e-5 after these few lr-1e-3 steps. A wrong data or noise slice gives ~1e-3.
+    # FSDP2 stores 0-d parameters (the gates' log_alpha) as 1-element tensors: compare values.
     for entry in ENTRIES:
         for name, tensor in one[entry].items():
-            torch.testing.assert_close(two[entry][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{entry}.{name}")
+            other = two[entry][name]
+            assert other.numel() == tensor.numel(), f"{entry}.{name}: {tuple(other.shape)} vs {tuple(tensor.shape)}"
+            torch.testing.assert_close(other.reshape(tensor.shape), tensor, rtol=1e-4, atol=5e-5,
+                                       msg=lambda m, key=f"{entry}.{name}": f"{key}: {m}")
 
 
 def test_exported_student_loads_and_samples(student_run, tmp_path):

@@ -228,6 +228,12 @@ def distill_step(
         ema_update(iteration // nets.student_update_freq)
     for name in names:
         optimizers[name].zero_grad(set_to_none=True)
+    for module in (G, F_):
+        # FSDP2 keeps the root's parameters unsharded after a forward without backward (the idle network of the
+        # phase ran under no_grad); reshard so parameters, optimizer and checkpoint see the sharded tensors again.
+        reshard = getattr(module, "reshard", None)
+        if callable(reshard):
+            reshard()
     return losses
 
 
