@@ -168,3 +168,23 @@ def _run_config(run: Path):
     from pid_decoder.training.config import config_from_dict
 
     return config_from_dict(json.loads((run / "config.json").read_text()))
+
+
+def test_cli_distill(teacher_run, tmp_path, capsys):
+    from pid_decoder.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--help"])
+    assert exc.value.code == 0 and "--resume" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # a teacher config has no [distill] section
+        main(["distill", str(TEACHER_CONFIG)])
+    assert exc.value.code == 2 and "no [distill] section" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", str(DISTILL_CONFIG), "--set", f'distill.teacher="{tmp_path / "missing.pth"}"'])
+    assert exc.value.code == 2 and "distill.teacher not found" in capsys.readouterr().err
+    run = tmp_path / "cli"
+    args = ["distill", str(DISTILL_CONFIG), "-q"] + [x for s in QUIET + [
+        f'run.dir="{run}"', f'distill.teacher="{teacher_run}"', "run.max_steps=2", "validation.every=0",
+        "data.batch_size=1"] for x in ("--set", s)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().endswith("step_000000002")
