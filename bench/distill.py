@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train import _sizes, gemm_rate  # noqa: E402
+from train import _sizes, gemm_rate
 
 MB = 2**20
 
@@ -56,7 +56,13 @@ def run_case(case: dict) -> dict:
     from pid_decoder.model.net import PiDNet
     from pid_decoder.training.discriminator import Discriminator, TeacherWithFeatures
     from pid_decoder.training.distill import (
-        CRITIC, STUDENT, DistillNets, OptimSettings, build_optimizers, distill_step, phase_of,
+        CRITIC,
+        STUDENT,
+        DistillNets,
+        OptimSettings,
+        build_optimizers,
+        distill_step,
+        phase_of,
     )
     from pid_decoder.training.distill_losses import draw_randomness
     from pid_decoder.training.distributed import apply_activation_checkpointing, default_blocks
@@ -167,7 +173,7 @@ def main() -> None:
             case = {"size": size, "height": res, "width": res, "batch": args.batch, "precision": precision,
                     "device": args.device, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
                     "checkpointing": args.checkpointing or size == "full"}
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True,
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True, check=False,
                                   cwd=ROOT)
             if proc.returncode:
                 line = {"case": "distill_step", "size": size, "height": res, "error": proc.stderr.strip()[-800:]}

@@ -145,7 +145,6 @@ def test_two_gloo_processes_equal_one_process(teacher_run, student_run, tmp_path
 def test_exported_student_loads_and_samples(student_run, tmp_path):
     from pid_decoder.checkpoints import load_network
     from pid_decoder.sampling import sample
-    from pid_decoder.training.config import load_config
     from pid_decoder.training.distill import student_net_config
     from pid_decoder.training.export import export_run, load_run_network
 

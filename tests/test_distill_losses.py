@@ -10,11 +10,23 @@ from torch import nn
 
 from pid_decoder.training.discriminator import Discriminator, TeacherWithFeatures, optimal_groups
 from pid_decoder.training.distill import (
-    CRITIC, STUDENT, DistillNets, OptimSettings, build_optimizers, clip_gradients, distill_step, gan_weight_at,
-    phase_of, student_lr_factor,
+    CRITIC,
+    STUDENT,
+    DistillNets,
+    OptimSettings,
+    build_optimizers,
+    clip_gradients,
+    distill_step,
+    gan_weight_at,
+    phase_of,
 )
 from pid_decoder.training.distill_losses import (
-    DistillDraws, distill_critic_losses, distill_student_losses, draw_randomness, perturbation_t, vsd_loss,
+    DistillDraws,
+    distill_critic_losses,
+    distill_student_losses,
+    draw_randomness,
+    perturbation_t,
+    vsd_loss,
 )
 
 # ----------------------------------------------------------------------------- simple nets with known outputs
@@ -98,13 +110,13 @@ def test_vsd_loss_weight_is_per_sample_and_nan_gradients_are_zeroed():
 
 def _batch(B=2, H=4, W=4, T=3, Dt=2):
     g = torch.Generator().manual_seed(7)
-    return dict(
-        hq=torch.rand(B, 3, H, W, generator=g) * 2 - 1,
-        lq_latent=torch.zeros(B, 1, 1, 1),
-        text=torch.randn(B, T, Dt, generator=g),
-        degrade_sigma=torch.zeros(B),
-        null_text=torch.randn(1, T, Dt, generator=g),
-    )
+    return {
+        "hq": torch.rand(B, 3, H, W, generator=g) * 2 - 1,
+        "lq_latent": torch.zeros(B, 1, 1, 1),
+        "text": torch.randn(B, T, Dt, generator=g),
+        "degrade_sigma": torch.zeros(B),
+        "null_text": torch.randn(1, T, Dt, generator=g),
+    }
 
 
 def _draws(B=2, H=4, W=4, k=(0, 3), t=(0.3, 0.8)):
@@ -152,7 +164,7 @@ def test_student_losses_caption_dropout_uses_empty_text_and_cfg_uses_negative():
     G, Fk = ScaleNet(0.5), ScaleNet(0.0)
     empty = torch.full((1, 3, 2), 5.0)
     keep = torch.tensor([True, False])
-    kw = dict(k=d.k, noise=d.noise, t=d.t, eps=d.eps, cfg_scale=3.0)
+    kw = {"k": d.k, "noise": d.noise, "t": d.t, "eps": d.eps, "cfg_scale": 3.0}
     text = b["text"].clone()
     text[1] = 5.0
     ref = distill_student_losses(G, SimpleTeacher(0.7), Fk, None, b["hq"], b["lq_latent"], text,
@@ -271,12 +283,12 @@ def tiny_setup(tiny_config):
     fake.load_state_dict(teacher_net.state_dict())
     disc = Discriminator(tiny_config.hidden_size, feature_indices=(1,), num_blocks=tiny_config.patch_depth)
     g = torch.Generator().manual_seed(9)
-    batch = dict(
-        hq=torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
-        lq_latent=torch.randn(1, 16, 1, 1, generator=g),
-        text=torch.randn(1, 4, tiny_config.txt_embed_dim, generator=g),
-        degrade_sigma=torch.tensor([0.3]),
-    )
+    batch = {
+        "hq": torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
+        "lq_latent": torch.randn(1, 16, 1, 1, generator=g),
+        "text": torch.randn(1, 4, tiny_config.txt_embed_dim, generator=g),
+        "degrade_sigma": torch.tensor([0.3]),
+    }
     null = torch.randn(1, 4, tiny_config.txt_embed_dim, generator=g)
     return student, TeacherWithFeatures(teacher_net, disc.indices), fake, disc, batch, null
 
@@ -305,7 +317,7 @@ def test_student_update_trains_only_the_student(tiny_setup):
 
 
 def test_critic_update_trains_only_fake_score_and_discriminator(tiny_setup):
-    G, T, Fk, D, batch, null = tiny_setup
+    G, T, Fk, D, batch, _null = tiny_setup
     G.requires_grad_(True)
     Fk.requires_grad_(True)
     d = draw_randomness(torch.Generator().manual_seed(2), (1, 3, 32, 32), critic=True)
@@ -325,9 +337,13 @@ def test_phase_warmups_and_lr_factor():
     assert gan_weight_at(6, 0.05, 100) == pytest.approx(0.003)
     assert gan_weight_at(96, 0.05, 100) == pytest.approx(0.048)
     assert gan_weight_at(102, 0.05, 100) == 0.05
-    assert student_lr_factor(0, 100) == 1e-6
-    assert student_lr_factor(50, 100) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
-    assert student_lr_factor(100, 100) == 1.0
+    G, F_ = nn.Linear(2, 1), nn.Linear(2, 1)
+    opts, scheds = build_optimizers(G, F_, None, OptimSettings())
+    factor = scheds["net"].lr_lambdas[0]  # LambdaLinear over student updates: 1e-11 at update 0 (spec Q1)
+    assert factor(0) == 1e-6 and opts["net"].param_groups[0]["lr"] == pytest.approx(1e-11)
+    assert factor(50) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5) and factor(100) == 1.0 and factor(600) == 1.0
+    assert [o.defaults["weight_decay"] for o in opts.values()] == [0.0, 1e-3]
+    assert set(opts) == {"net", "fake_score"}
 
 
 def test_clip_zeroes_nan_and_clips_student_and_fake_separately_not_discriminator():
@@ -459,8 +475,8 @@ def test_dmd_moves_a_gaussian_student_to_the_teacher_distribution():
     start = (student.shift.item(), student.scale.item())
     for it in range(1200):
         hq = 0.5 + 0.2 * torch.randn(shape, generator=g)  # real data (used by the critic's D only; D is off)
-        batch = dict(hq=hq, lq_latent=torch.zeros(8, 1, 1, 1), text=torch.zeros(8, 1, 1),
-                     degrade_sigma=torch.zeros(8))
+        batch = {"hq": hq, "lq_latent": torch.zeros(8, 1, 1, 1), "text": torch.zeros(8, 1, 1),
+                     "degrade_sigma": torch.zeros(8)}
         d = draw_randomness(g, shape, num_t=1, critic=phase_of(it, 2) == CRITIC)
         distill_step(nets, opts, scheds, None, batch, d, it)
     end = (student.shift.item(), abs(student.scale.item()))

@@ -104,11 +104,11 @@ class FeatureTap:
     def _hook(self, index: int):
         def hook(module, args, output):
             if not self._active:
-                return None
+                return
             self._out.append(output[0])  # image tokens (B, L, D); output[1] is the text stream
             if self._early and index == self.indices[-1]:
                 raise _StopForward
-            return None
+            return
 
         return hook
 

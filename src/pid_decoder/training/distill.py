@@ -5,8 +5,8 @@ T (real score with CFG, and the discriminator's feature space), the fake score F
 teacher) and the discriminator D (heads on T's block features). Iteration ``i`` updates G when
 ``i % student_update_freq == 0`` and F + D otherwise ("critic").
 
-This module holds the per-iteration mechanics as small functions (`phase_of`, `gan_weight_at`,
-`student_lr_factor`, `build_optimizers`, `clip_gradients`, `distill_step`).
+This module holds the per-iteration mechanics as small functions (`phase_of`, `gan_weight_at`, `build_optimizers`,
+`clip_gradients`, `set_phase`, `distill_step`) and the run (`build_networks`, `DistillValidator`, `distill`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,20 @@ from torch import nn
 from ..config import NetConfig
 from .config import ConfigError, format_config
 from .discriminator import Discriminator, TeacherWithFeatures
-from .distributed import apply_activation_checkpointing, default_blocks, full_tensor, mean_over_ranks, unwrap, wrap_model
 from .distill_losses import (
-    STUDENT_INPUT_T, DistillDraws, distill_critic_losses, distill_student_losses, draw_randomness,
+    STUDENT_INPUT_T,
+    DistillDraws,
+    distill_critic_losses,
+    distill_student_losses,
+    draw_randomness,
+)
+from .distributed import (
+    apply_activation_checkpointing,
+    default_blocks,
+    full_tensor,
+    mean_over_ranks,
+    unwrap,
+    wrap_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,13 +55,6 @@ def gan_weight_at(iteration: int, weight: float, warmup: int) -> float:
     if warmup > 0 and iteration < warmup:
         return weight * iteration / warmup
     return weight
-
-
-def student_lr_factor(update: int, warmup: int, f_start: float = 1e-6) -> float:
-    """LambdaLinear multiplier of the student LR; ``update`` counts STUDENT updates (spec §4.4, Q1)."""
-    if warmup > 0 and update < warmup:
-        return f_start + (1.0 - f_start) * update / warmup
-    return 1.0
 
 
 @dataclass(frozen=True)
@@ -195,10 +199,10 @@ def distill_step(
     # The generator term evaluates D frozen: call the module itself, not its DDP wrapper (no gradient sync).
     D_used = (unwrap(D) if phase == STUDENT else D) if D is not None else None
     args = (G, nets.teacher, F_, D_used, batch["hq"], batch["lq_latent"], batch["text"], batch["degrade_sigma"])
-    common = dict(
-        k=draws.k, noise=draws.noise, t=draws.t, eps=draws.eps, caption_keep=batch.get("caption_keep"),
-        empty_text=batch.get("empty_text"), t_list=nets.t_list, amp_dtype=nets.amp_dtype,
-    )
+    common = {
+        "k": draws.k, "noise": draws.noise, "t": draws.t, "eps": draws.eps, "caption_keep": batch.get("caption_keep"),
+        "empty_text": batch.get("empty_text"), "t_list": nets.t_list, "amp_dtype": nets.amp_dtype,
+    }
     if phase == STUDENT:
         losses = distill_student_losses(
             *args, nets.null_text, cfg_scale=nets.cfg_scale, vsd_weight=nets.vsd_weight,
