@@ -187,3 +187,26 @@ def test_cli_distill(teacher_run, tmp_path, capsys):
         "data.batch_size=1"] for x in ("--set", s)]
     assert main(args) == 0
     assert capsys.readouterr().out.strip().endswith("step_000000002")
+
+
+def test_networks_from_a_release_layout_teacher_file(teacher_run, tmp_path):
+    """A `*_undistilled`-style file (release layout, with the aux head's keys) initialises student, fake score and
+    teacher alike; the aux head is ignored, the teacher is frozen and nothing else is dropped."""
+    from pid_decoder.training.distill import build_networks
+    from pid_decoder.training.export import export_run, load_run_network
+
+    pth = export_run(teacher_run, tmp_path / "model_ema_bf16.pth", dtype=torch.float32)
+    keys = torch.load(pth, weights_only=True).keys()
+    assert any(k.startswith("net.lq_proj.lq_aux_rgb_head.") for k in keys)  # the teacher run trains the aux head
+    cfg = _distill_cfg(tmp_path / "run", pth)
+    student, teacher, fake, disc = build_networks(cfg, torch.device("cpu"))
+    reference = load_run_network(teacher_run, which="ema").state_dict()
+    for net in (student, teacher, fake):
+        state = net.state_dict()
+        assert set(reference) - set(state) == {k for k in reference if k.startswith("lq_proj.lq_aux_rgb_head.")}
+        for name, tensor in state.items():
+            torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("patch_blocks.1.") for n in frozen)  # the last block's text output branch
+    assert disc.indices == (1,) and all(p.requires_grad for p in disc.parameters())
