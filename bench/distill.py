@@ -55,7 +55,7 @@ def run_case(case: dict) -> dict:
 
     from pid_decoder.model.net import PiDNet
     from pid_decoder.training.discriminator import Discriminator, TeacherWithFeatures
-    from pid_decoder.training.distill import (
+    from pid_decoder.training.distiller import (
         CRITIC,
         STUDENT,
         DistillNets,

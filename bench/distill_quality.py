@@ -56,7 +56,7 @@ def main() -> None:
     from pid_decoder.sampling import sample, sample_teacher
     from pid_decoder.training.config import load_config
     from pid_decoder.training.degrade import downsample_lq
-    from pid_decoder.training.distill import distill
+    from pid_decoder.training.distiller import distill
     from pid_decoder.training.export import load_run_network
     from pid_decoder.training.trainer import PixelsBackbone, train
 

@@ -46,7 +46,7 @@ def teacher_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def student_run(teacher_run, tmp_path_factory) -> Path:
     """An uninterrupted distillation of ``ITERS`` iterations."""
-    from pid_decoder.training.distill import distill
+    from pid_decoder.training.distiller import distill
 
     run = tmp_path_factory.mktemp("student") / "run"
     result = distill(_distill_cfg(run, teacher_run, f"validation.every={ITERS}", "validation.steps=4"))
@@ -83,7 +83,7 @@ def test_distill_records_both_phases_and_keeps_the_teacher_out_of_the_checkpoint
 
 
 def test_kill_and_resume_equals_uninterrupted(teacher_run, student_run, tmp_path):
-    from pid_decoder.training.distill import distill
+    from pid_decoder.training.distiller import distill
     from pid_decoder.training.trainer import StopSignal
 
     run = tmp_path / "run"
@@ -113,7 +113,7 @@ def _rank_main(rank: int, world: int, port: int, run: str, teacher: str, paralle
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from pid_decoder.training.distill import distill
+    from pid_decoder.training.distiller import distill
     from pid_decoder.training.distributed import init_distributed, shutdown
 
     info = init_distributed("cpu")
@@ -145,7 +145,7 @@ def test_two_gloo_processes_equal_one_process(teacher_run, student_run, tmp_path
 def test_exported_student_loads_and_samples(student_run, tmp_path):
     from pid_decoder.checkpoints import load_network
     from pid_decoder.sampling import sample
-    from pid_decoder.training.distill import student_net_config
+    from pid_decoder.training.distiller import student_net_config
     from pid_decoder.training.export import export_run, load_run_network
 
     sft = export_run(student_run, tmp_path / "student.safetensors")
@@ -192,7 +192,7 @@ def test_cli_distill(teacher_run, tmp_path, capsys):
 def test_networks_from_a_release_layout_teacher_file(teacher_run, tmp_path):
     """A `*_undistilled`-style file (release layout, with the aux head's keys) initialises student, fake score and
     teacher alike; the aux head is ignored, the teacher is frozen and nothing else is dropped."""
-    from pid_decoder.training.distill import build_networks
+    from pid_decoder.training.distiller import build_networks
     from pid_decoder.training.export import export_run, load_run_network
 
     pth = export_run(teacher_run, tmp_path / "model_ema_bf16.pth", dtype=torch.float32)

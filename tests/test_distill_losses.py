@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pid_decoder.training.discriminator import Discriminator, TeacherWithFeatures, optimal_groups
-from pid_decoder.training.distill import (
+from pid_decoder.training.distiller import (
     CRITIC,
     STUDENT,
     DistillNets,
@@ -399,7 +399,7 @@ def test_released_recipe_configs(family, res):
     from pathlib import Path
 
     from pid_decoder.training.config import ConfigError, load_config
-    from pid_decoder.training.distill import check_distill_config, student_net_config
+    from pid_decoder.training.distiller import check_distill_config, student_net_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "distill" / f"distill-{family}-{res}.toml"
     cfg = load_config(path)

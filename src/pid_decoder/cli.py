@@ -784,7 +784,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     from .training.checkpoint import CheckpointError
     from .training.config import ConfigError, format_config
-    from .training.distill import distill
+    from .training.distiller import distill
 
     cfg = _load_train_config(args)
     if cfg.distill is None:
@@ -793,11 +793,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
     elif os.environ.get("RANK", "0") == "0":  # torchrun: print once
         print(format_config(cfg), file=sys.stderr)
+    import torch.distributed as dist
+
     try:
         result = distill(cfg, resume=args.resume)
     except (ConfigError, CheckpointError, PermissionError) as err:
         raise UsageError(str(err)) from None
-    if result.checkpoint is not None:
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
         print(result.checkpoint)
     return 0
 

@@ -25,7 +25,7 @@ _EXPORTS = {
     "export_run": "export",
     "distill_student_losses": "distill_losses",
     "distill_critic_losses": "distill_losses",
-    "distill": "distill",
+    "distill": "distiller",
 }
 
 __all__ = ["TrainConfig", "distill", "distill_critic_losses", "distill_student_losses", "export_run", "load_config",
