@@ -55,6 +55,7 @@ def run_case(case: dict) -> dict:
 
     from pid_decoder.model.net import PiDNet
     from pid_decoder.training.discriminator import Discriminator, TeacherWithFeatures
+    from pid_decoder.training.distill_losses import draw_randomness
     from pid_decoder.training.distiller import (
         CRITIC,
         STUDENT,
@@ -64,7 +65,6 @@ def run_case(case: dict) -> dict:
         distill_step,
         phase_of,
     )
-    from pid_decoder.training.distill_losses import draw_randomness
     from pid_decoder.training.distributed import apply_activation_checkpointing, default_blocks
     from pid_decoder.training.params import set_trainable
     from pid_decoder.training.schedules import EMA

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from pid_decoder.training.discriminator import Discriminator, TeacherWithFeatures, optimal_groups
+from pid_decoder.training.distill_losses import (
+    DistillDraws,
+    distill_critic_losses,
+    distill_student_losses,
+    draw_randomness,
+    perturbation_t,
+    vsd_loss,
+)
 from pid_decoder.training.distiller import (
     CRITIC,
     STUDENT,
@@ -19,14 +28,6 @@ from pid_decoder.training.distiller import (
     distill_step,
     gan_weight_at,
     phase_of,
-)
-from pid_decoder.training.distill_losses import (
-    DistillDraws,
-    distill_critic_losses,
-    distill_student_losses,
-    draw_randomness,
-    perturbation_t,
-    vsd_loss,
 )
 
 # ----------------------------------------------------------------------------- simple nets with known outputs
@@ -485,3 +486,23 @@ def test_dmd_moves_a_gaussian_student_to_the_teacher_distribution():
     # direction is asserted
     assert abs(end[1] - 0.2) < 0.75 * abs(start[1] - 0.2), (start, end)  # std 1 -> towards 0.2
     assert abs(fake.mean.item() - end[0]) < 0.2  # the fake score tracks the student's distribution
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("distill.t_list=[0.9, 0.5, 0.0]", "distill.t_list must be the student sampler's list"),
+    ("model.aux_rgb_head=true", "set model.aux_rgb_head = false"),
+    ('model.trainable="fix_backbone"', 'set model.trainable = "full"'),
+    ("distill.t_clamp=[0.5, 0.2]", "distill.t_clamp must satisfy"),
+    ("distill.feature_indices=[5]", "name no block of the 2-block net"),
+])
+def test_distill_config_errors(override, message, tmp_path):
+    from pathlib import Path
+
+    from pid_decoder.training.config import ConfigError, load_config
+    from pid_decoder.training.distiller import check_distill_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "distill" / "tiny-cpu.toml"
+    cfg = load_config(config, [f'distill.teacher="{tmp_path}"', override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_distill_config(cfg)
+    check_distill_config(load_config(config, [f'distill.teacher="{tmp_path}"']))  # the tiny config itself is fine

@@ -278,8 +278,12 @@ def check_distill_config(cfg) -> None:
         raise ConfigError("distillation trains without the aux LQ-RGB head (spec §1): set model.aux_rgb_head = false")
     if cfg.net_config.lq is None:
         raise ConfigError("distillation needs a PiD network with an LQ branch (model.preset / [model.net.lq])")
-    if len(d.t_list) < 2 or d.t_list[-1] != 0.0 or not all(0 < t <= 1 for t in d.t_list[:-1]):
-        raise ConfigError(f"distill.t_list must be decreasing times in (0, 1] ending with 0.0, got {list(d.t_list)}")
+    from ..sampling import STUDENT_T_LIST
+
+    if tuple(d.t_list) != STUDENT_T_LIST:
+        # The student is sampled (pid_decoder.sample, the validation grid, the released pipeline) on this list.
+        raise ConfigError(f"distill.t_list must be the student sampler's list {list(STUDENT_T_LIST)}, got "
+                          f"{list(d.t_list)}")
     if not 0 < d.t_clamp[0] < d.t_clamp[1] < 1:
         raise ConfigError(f"distill.t_clamp must satisfy 0 < low < high < 1, got {list(d.t_clamp)}")
     depth = cfg.net_config.patch_depth
