@@ -472,3 +472,18 @@ def test_validation_grid_and_checkpoint_contents(trained, tmp_path):
     train(tiny(tmp_path / "v", "run.max_steps=1", "validation.every=1", "validation.steps=2"))
     with Image.open(tmp_path / "v" / "validation" / "step_000000001.png") as grid:
         assert grid.size == (3 * 64 + 4 * 4, 2 * 64 + 3 * 4)
+
+
+def test_training_after_sampling_at_the_same_size(tmp_path):
+    # The position tables are cached per size; the first call for 96 x 96 happens in inference mode (as a
+    # validation grid at a bucket not trained yet would), and training at that size must still backpropagate.
+    from pid_decoder.model.net import PiDNet
+
+    cfg = tiny(tmp_path).net_config
+    torch.manual_seed(0)
+    net = PiDNet(cfg, aux_head=True)
+    lq, text = torch.randn(1, 12, 12, 12), torch.zeros(1, 8, 24)
+    sample_teacher(net, lq, text, 0.0, height=96, width=96, steps=1, cfg_scale=1.0)
+    v, aux = net.forward_train(torch.randn(1, 3, 96, 96), torch.full((1,), 500.0), text, lq, torch.zeros(1))
+    (v.square().mean() + aux.square().mean()).backward()
+    assert net.s_embedder.proj.weight.grad is not None
