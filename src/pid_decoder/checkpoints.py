@@ -330,8 +330,11 @@ def _flat_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- key handling
-def network_keys(checkpoint: CheckpointFile) -> tuple[dict[str, str], list[str]]:
-    """Map network key -> file key, and list the file keys dropped as training-only / other copies."""
+def network_keys(checkpoint: CheckpointFile, *, training: bool = False) -> tuple[dict[str, str], list[str]]:
+    """Map network key -> file key, and list the file keys dropped as training-only / other copies.
+
+    ``training=True`` keeps the training-only keys (the aux LQ-RGB head), which a training network has.
+    """
     mapping: dict[str, str] = {}
     dropped: list[str] = []
     has_prefix = any(k.startswith(PREFIX) for k in checkpoint.keys)
@@ -340,7 +343,7 @@ def network_keys(checkpoint: CheckpointFile) -> tuple[dict[str, str], list[str]]
             dropped.append(key)
             continue
         name = key[len(PREFIX):] if has_prefix and key.startswith(PREFIX) else key
-        if name.startswith(TRAINING_ONLY_PREFIXES):
+        if name.startswith(TRAINING_ONLY_PREFIXES) and not training:
             dropped.append(key)
             continue
         mapping[name] = key
@@ -348,13 +351,17 @@ def network_keys(checkpoint: CheckpointFile) -> tuple[dict[str, str], list[str]]
 
 
 @functools.lru_cache(maxsize=64)
-def _expected_shapes(config: NetConfig) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in build_network(config, device="meta").state_dict().items()}
+def _expected_shapes(config: NetConfig, aux_head: bool = False) -> dict[str, tuple[int, ...]]:
+    net = build_network(config, device="meta", aux_head=aux_head)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def check_keys(config: NetConfig, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Problems (missing / unexpected / wrong shape) of a network-key -> shape mapping for ``config``."""
-    return key_problems(_expected_shapes(config), shapes)
+def check_keys(config: NetConfig, shapes: Mapping[str, tuple[int, ...]], *, aux_head: bool = False) -> list[str]:
+    """Problems (missing / unexpected / wrong shape) of a network-key -> shape mapping for ``config``.
+
+    ``aux_head=True`` checks against the training network (with the aux LQ-RGB head where the config has one).
+    """
+    return key_problems(_expected_shapes(config, aux_head), shapes)
 
 
 def matching_presets(checkpoint: CheckpointFile) -> list[Preset]:
@@ -403,12 +410,19 @@ def detect_variant(checkpoint: CheckpointFile | str | os.PathLike) -> dict[str, 
 
 # --------------------------------------------------------------------------- building and loading
 def build_network(
-    preset: str | Preset | NetConfig, device: str | torch.device = "meta", dtype: torch.dtype | str | None = None
+    preset: str | Preset | NetConfig,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype | str | None = None,
+    *,
+    aux_head: bool = False,
 ) -> PiDNet:
-    """The un-loaded network of a preset (or config). On ``meta`` it allocates nothing."""
+    """The un-loaded network of a preset (or config). On ``meta`` it allocates nothing.
+
+    ``aux_head=True`` adds the training-only aux LQ-RGB head where the config has one (v1.5 teachers).
+    """
     config = preset if isinstance(preset, NetConfig) else resolve_preset(preset).net
     with torch.device(device):
-        net = PiDNet(config)
+        net = PiDNet(config, aux_head=aux_head)
     if dtype is not None:
         net = net.to(parse_dtype(dtype))
     return net
@@ -496,6 +510,7 @@ def load_network(
     preset: str | Preset | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    training: bool = False,
 ) -> PiDNet:
     """Load a checkpoint into a `PiDNet` in eval mode, straight onto ``device`` in ``dtype``.
 
@@ -504,34 +519,54 @@ def load_network(
     or detected from the keys, which fails (naming the candidates) where released files are indistinguishable
     (FLUX.1 vs SD3 vs Qwen-Image). Every argument is checked before the file is read: a ``device`` that this
     machine does not have is a ValueError naming the ones it has.
+
+    ``training=True`` returns the network for training instead: float32 (``dtype`` must be float32), in train
+    mode, every parameter requiring grad, its own memory (never a view of the file), and with the aux
+    LQ-RGB head built and loaded from the file's ``lq_proj.lq_aux_rgb_head.*`` keys where the config has one
+    (v1.5 teachers, ``*_undistilled``); then the file must have those keys. Inference, and training with a
+    config without the head (``LQConfig.aux_rgb_head=False``, e.g. a distillation student), drop them.
     """
     dtype = parse_dtype(dtype)
+    if training and dtype != torch.float32:
+        raise ValueError(f"load_network(training=True) keeps float32 master weights; got dtype {dtype}. "
+                         "Use autocast for bf16 compute.")
     device = check_device(device)
     if config is not None:
         config = load_net_config(config)
     ckpt = checkpoint if isinstance(checkpoint, CheckpointFile) else open_checkpoint(checkpoint)
     cfg, chosen = _resolve_config(ckpt, config, preset)
-    mapping, dropped = network_keys(ckpt)
+    aux = training and cfg.lq is not None and cfg.lq.aux_rgb_head
+    mapping, dropped = network_keys(ckpt, training=aux)
     if dropped:
         logger.debug("ignoring %d keys not used at inference: %s", len(dropped), listing(dropped))
-    problems = check_keys(cfg, {name: ckpt.shapes[key] for name, key in mapping.items()})
+    shapes = {name: ckpt.shapes[key] for name, key in mapping.items()}
+    problems = check_keys(cfg, shapes, aux_head=training)
     if problems:
         label = chosen.alias if chosen else "the given config"
         fits = [p.alias for p in matching_presets(ckpt)]
         hint = f" The file fits: {', '.join(fits)}." if fits else ""
         raise ValueError(f"{ckpt.path} does not match {label}: " + "; ".join(problems) + "." + hint)
 
-    net = build_network(cfg, device="meta")
-    state = {name: ckpt.tensor(key).to(device=device, dtype=dtype) for name, key in mapping.items()}
+    net = build_network(cfg, device="meta", aux_head=training)
+    # Training updates parameters in place: they must not share memory with a memory-mapped file.
+    state = {name: ckpt.tensor(key).to(device=device, dtype=dtype, copy=training) for name, key in mapping.items()}
     net.load_state_dict(state, strict=True, assign=True)
     del state
     for module in net.modules():  # norms and gate scalars stay float32 (see model.layers.Float32Params)
         if hasattr(module, "restore_float32"):
             module.restore_float32()
-    net.requires_grad_(False)
+    net.requires_grad_(training)
     net.preset = chosen
     logger.info("loaded %s (%s, %.1f M parameters) as %s on %s", ckpt.path, cfg.family, count_parameters(net) / 1e6, dtype, device)
-    return net.eval()
+    return net.train(training)
+
+
+def state_dict_for_release(net: PiDNet) -> dict[str, torch.Tensor]:
+    """The network's tensors under the released key names (``net.<module path>``), aux head included if built.
+
+    Detached, on the CPU, in the network's dtypes; the caller casts (the releases are bf16).
+    """
+    return {PREFIX + k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
 def count_parameters(net: torch.nn.Module) -> int:

@@ -141,7 +141,9 @@ def read_config(path: str) -> dict:
 def _embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt (\"\" for the empty prompt)")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file instead")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("-o", "--output", "--out", help="output .safetensors file (with --dataset: the output folder)")
+    p.add_argument("--dataset", help="embed every caption of a training dataset (image folder or .tar shards), one "
+                   "file per sample, resumable; --out defaults to DATASET/.text_embeddings")
     p.add_argument("--text-encoder", default=None, help="Gemma-2-2b-it: a local folder or a hub id")
     p.add_argument("--device", default="cpu", help="device for Gemma (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -153,8 +155,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from .text import DEFAULT_TEXT_ENCODER, TextEncoder, embed_prompt_to_file
 
+    if args.dataset is not None:
+        return _embed_dataset(args)
     if (args.prompt is None) == (args.prompt_file is None):
         raise UsageError("give exactly one of PROMPT or --prompt-file")
+    if args.output is None:
+        raise UsageError("the output file -o/--output is required")
     _check_device("--device", args.device)
     if args.prompt is not None:
         prompt = args.prompt
@@ -172,6 +178,37 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 cmd_embed.arguments = _embed_args
+
+
+def _embed_dataset(args: argparse.Namespace) -> int:
+    """`embed --dataset DIR [--out DIR]`: the training text pre-pass (pid_decoder.training.embed_dataset)."""
+    from .text import DEFAULT_TEXT_ENCODER, TextEncoder
+    from .training.embed_dataset import embed_dataset
+
+    if args.prompt is not None or args.prompt_file is not None:
+        raise UsageError("--dataset embeds the dataset's captions: give no PROMPT or --prompt-file")
+    if not Path(args.dataset).exists() and "{" not in args.dataset:
+        raise UsageError(f"dataset not found: {args.dataset}")
+    encoder = TextEncoder(args.text_encoder or DEFAULT_TEXT_ENCODER, device=args.device, cache_dir=False)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="embed", unit="caption", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        report = embed_dataset(args.dataset, args.output, encoder=encoder, progress=progress if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(report.counters.items()) if v) or "none"
+    logger.info("wrote %d embeddings (%d were already done); skipped: %s", report.written, report.existing, skipped)
+    print(report.out)
+    return 0
 
 
 # --------------------------------------------------------------------------- decoding: shared options
@@ -1221,6 +1258,128 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 cmd_serve.arguments = _serve_args
+
+
+# --------------------------------------------------------------------------- train / export (training/)
+def _train_common_args(p: argparse.ArgumentParser) -> None:
+    """CONFIG, --set and --resume: shared by `train` and `distill`."""
+    p.add_argument("config", help="a TOML training config (see configs/train/ and docs/training.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set optim.lr=1e-4 --set run.max_steps=100 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue run.dir from its newest checkpoint (or from PATH: a checkpoint or run directory)")
+
+
+def _load_train_config(args: argparse.Namespace):
+    from .training.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+
+
+@command("train", "train a PiD teacher (stage 1) or finetune PixelDiT (stage 0); one process or torchrun")
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError
+    from .training.trainer import train
+
+    cfg = _load_train_config(args)
+    if args.quiet:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
+    elif os.environ.get("RANK", "0") == "0":  # torchrun: print once
+        from .training.config import format_config
+
+        print(format_config(cfg), file=sys.stderr)
+    import torch.distributed as dist
+
+    try:
+        result = train(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError, PermissionError) as err:
+        raise UsageError(str(err)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
+        print(result.checkpoint)
+    return 0
+
+
+cmd_train.arguments = _train_common_args
+
+
+@command("distill", "distill a PiD teacher into the few-step student (DMD2, stage 2); one process or torchrun")
+def cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError, format_config
+    from .training.distiller import distill
+
+    cfg = _load_train_config(args)
+    if cfg.distill is None:
+        raise UsageError(f"{args.config} has no [distill] section; start from configs/distill/ (docs/training.md)")
+    if args.quiet:
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
+    elif os.environ.get("RANK", "0") == "0":  # torchrun: print once
+        print(format_config(cfg), file=sys.stderr)
+    import torch.distributed as dist
+
+    try:
+        result = distill(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError, PermissionError) as err:
+        raise UsageError(str(err)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
+        print(result.checkpoint)
+    return 0
+
+
+cmd_distill.arguments = _train_common_args
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (holds config.json and checkpoints/)")
+    p.add_argument("-o", "--output", required=True, help="output file: .pth (release layout) or .safetensors")
+    p.add_argument("--format", choices=["pth", "safetensors"], help="default: from the output suffix")
+    p.add_argument("--which", choices=["ema", "net"], default="ema",
+                   help="the EMA weights (default, what the releases ship) or the raw trained weights")
+    p.add_argument("--checkpoint", help="a checkpoint folder of the run (default: its newest)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="stored dtype (default bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+@command("export", "write a training run's EMA weights as a .pth (release layout) or .safetensors file")
+def cmd_export(args: argparse.Namespace) -> int:
+    from .training.checkpoint import CheckpointError
+    from .training.export import export_format, export_run
+
+    out = Path(args.output)
+    try:
+        fmt = export_format(out, args.format)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if not Path(args.run_dir).is_dir():
+        raise UsageError(f"run directory not found: {args.run_dir}")
+    try:
+        path = export_run(args.run_dir, out, fmt, args.which, checkpoint=args.checkpoint, dtype=args.dtype)
+    except (CheckpointError, PermissionError) as err:
+        raise UsageError(str(err)) from None
+    print(path)
+    return 0
+
+
+cmd_export.arguments = _export_args
 
 
 # --------------------------------------------------------------------------- entry point

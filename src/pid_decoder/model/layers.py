@@ -51,6 +51,13 @@ class GroupNorm32(Float32Params, nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
 
 
+class LayerNorm32(Float32Params, nn.LayerNorm):
+    """LayerNorm evaluated in float32 whatever the weight dtype (as CUDA autocast does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class RMSNorm(Float32Params, nn.Module):
     """RMSNorm whose statistics are computed in float32."""
 

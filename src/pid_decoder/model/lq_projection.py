@@ -1,7 +1,11 @@
 """LQ projection: the conditioning latent -> one feature map per injection point, and sigma-aware gates.
 
 Legend: B batch, c latent channels, h/w latent grid, Hs/Ws patch grid, L = Hs*Ws, K hidden width of
-the projection, D patch hidden size.
+the projection, D patch hidden size, f = patch size / sr_scale LQ pixels per patch token.
+
+The v1.5 auxiliary LQ-RGB head (``lq_aux_rgb_head``) exists only in networks built for training
+(``aux_head=True``): it predicts the LQ image from the trunk's tokens for an alignment loss and is never
+part of the inference forward.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LQConfig
-from .layers import Conv2d, Float32Params, GroupNorm32, Linear
+from .layers import Conv2d, Float32Params, GroupNorm32, LayerNorm32, Linear
 
 
 class ResBlock(nn.Module):
@@ -52,9 +56,12 @@ class SigmaGate(Float32Params, nn.Module):
 
 
 class LQProjection(nn.Module):
-    """Latent -> ``num_heads`` feature maps on the patch grid (plus the PiT feature map for v1.5)."""
+    """Latent -> ``num_heads`` feature maps on the patch grid (plus the PiT feature map for v1.5).
 
-    def __init__(self, cfg: LQConfig, hidden: int, patch_size: int, num_heads: int) -> None:
+    ``aux_head=True`` (training only, and only where ``cfg.aux_rgb_head``) also builds the LQ-RGB head.
+    """
+
+    def __init__(self, cfg: LQConfig, hidden: int, patch_size: int, num_heads: int, aux_head: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         f = cfg.unpatchify_factor
@@ -77,6 +84,14 @@ class LQProjection(nn.Module):
         self.pit_head = Linear(K, hidden) if cfg.pit_inject else None
         per_dim = cfg.gate_type == "sigma_aware_per_token_per_dim"
         self.gate_modules = nn.ModuleList(SigmaGate(hidden, per_dim) for _ in range(num_heads))
+        self.lq_aux_rgb_head = None
+        if aux_head and cfg.aux_rgb_head:
+            if patch_size % cfg.sr_scale:
+                raise ValueError(f"the aux RGB head needs patch_size ({patch_size}) divisible by sr_scale ({cfg.sr_scale})")
+            self.aux_factor = patch_size // cfg.sr_scale
+            self.lq_aux_rgb_head = nn.Sequential(
+                LayerNorm32(K, eps=1e-5), Linear(K, K), nn.SiLU(), Linear(K, 3 * self.aux_factor**2)
+            )
 
     def align(self, z: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Bring the latent (B, c, h, w) onto the patch grid: unpatchify, then upsample or fold."""
@@ -110,3 +125,11 @@ class LQProjection(nn.Module):
     def forward(self, z: torch.Tensor, grid: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """z (B, c, h, w) -> ([num_heads x (B, L, D)], PiT feature (B, L, D) or None)."""
         return self.heads(self.trunk(z, grid))
+
+    def aux_rgb(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Trunk tokens (B, L, K) -> predicted LQ image (B, 3, Hs*f, Ws*f), not clamped (training only)."""
+        if self.lq_aux_rgb_head is None:
+            raise RuntimeError("this network has no aux LQ-RGB head: build it for training (aux_head=True, v1.5 config)")
+        rgb = self.lq_aux_rgb_head(tokens)  # (B, L, 3*f*f)
+        rgb = rgb.transpose(1, 2).unflatten(2, grid)  # (B, 3*f*f, Hs, Ws)
+        return F.pixel_shuffle(rgb, self.aux_factor)  # (B, 3, Hs*f, Ws*f), channel c*f*f + i*f + j -> (c, i, j)

@@ -87,9 +87,13 @@ class Crop:
 
 
 class PiDNet(nn.Module):
-    """The PiD network (``config.lq`` set) or the text-to-image PixelDiT (``config.lq is None``)."""
+    """The PiD network (``config.lq`` set) or the text-to-image PixelDiT (``config.lq is None``).
 
-    def __init__(self, config: NetConfig) -> None:
+    ``aux_head=True`` builds the training-only modules the config asks for (the v1.5 auxiliary LQ-RGB head,
+    ``lq_proj.lq_aux_rgb_head``); `forward_train` evaluates them. Inference networks never have them.
+    """
+
+    def __init__(self, config: NetConfig, *, aux_head: bool = False) -> None:
         super().__init__()
         self.config = cfg = config
         self.preset = None  # the released preset the weights came from, when known
@@ -108,7 +112,7 @@ class PiDNet(nn.Module):
         )
         self.final_layer = FinalLayer(C, cfg.in_channels)
         if cfg.lq is not None:
-            self.lq_proj = LQProjection(cfg.lq, D, ps, cfg.num_lq_injections)
+            self.lq_proj = LQProjection(cfg.lq, D, ps, cfg.num_lq_injections, aux_head=aux_head)
             per_dim = cfg.lq.gate_type == "sigma_aware_per_token_per_dim"
             self.pit_lq_gate = SigmaGate(D, per_dim) if cfg.lq.pit_inject else None
         else:
@@ -178,6 +182,19 @@ class PiDNet(nn.Module):
         for crop in crops:
             if crop is not None:
                 check_window(self.config, Window(crop.top, crop.left, height, width), crop.height, crop.width)
+        return self._conditioning(text, lq_latent, sigma, height, width, crops, lazy_lq)
+
+    def _conditioning(
+        self,
+        text: torch.Tensor,
+        lq_latent: torch.Tensor | None,
+        sigma: torch.Tensor | None,
+        height: int,
+        width: int,
+        crops: list[Crop | None],
+        lazy_lq: bool,
+    ) -> list[Conditioning]:
+        """`prepare_windows` on validated inputs (sigma a float32 (B,) tensor or None)."""
         cfg, dev = self.config, self.device
         ps = cfg.patch_size
         grid = (height // ps, width // ps)
@@ -270,6 +287,31 @@ class PiDNet(nn.Module):
         check_x_t(self.config, x, t, text.shape[0] if torch.is_tensor(text) else None)
         cond = self.prepare(text, lq_latent, degrade_sigma, x.shape[-2], x.shape[-1])
         return self.denoise(x.to(self.device), torch.as_tensor(t, dtype=torch.float32, device=self.device), cond)
+
+
+    def forward_train(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        lq_latent: torch.Tensor | None = None,
+        degrade_sigma: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training evaluation: (velocity (B, 3, H, W), aux LQ-RGB prediction (B, 3, H/4, W/4) or None).
+
+        The same computation as `forward` (the LQ trunk runs once; its tokens feed both the per-token heads
+        and the aux head, so both losses reach it), without `forward`'s value checks: they synchronise with
+        the host, and the loss validates its inputs once. t (B,) float32 on the 0-1000 scale, degrade_sigma
+        (B,) float32. The aux prediction is None when the network has no aux head.
+        """
+        B, _, H, W = x.shape
+        sigma = None if degrade_sigma is None else degrade_sigma.to(device=x.device, dtype=torch.float32)
+        cond = self._conditioning(text, lq_latent, sigma, H, W, [None], lazy_lq=True)[0]
+        v = self.denoise(x, t, cond)  # (B, 3, H, W)
+        if self.lq_proj is None or self.lq_proj.lq_aux_rgb_head is None:
+            return v, None
+        ps = self.config.patch_size
+        return v, self.lq_proj.aux_rgb(cond.lq_source[0], (H // ps, W // ps))  # (B, 3, H/4, W/4)
 
 
 def _init_defaults(module: nn.Module) -> None:

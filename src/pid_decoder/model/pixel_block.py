@@ -94,7 +94,11 @@ class PixelBlock(nn.Module):
     def forward(
         self, p: torch.Tensor, cond: torch.Tensor, rope: RopeTable, batch: int, chunk: int | None = None
     ) -> torch.Tensor:
-        """p (N, P, C) pixel tokens (updated in place and returned), cond (N, D) patch conditions."""
+        """p (N, P, C) pixel tokens, cond (N, D) patch conditions -> updated pixel tokens (N, P, C).
+
+        Without autograd p is updated in place and returned (no copy of the largest activation); with
+        autograd the block input must stay intact for the backward pass, so the residuals go out of place.
+        """
         mod = self.adaLN_modulation[0]
         N = p.shape[0]
         compressed = []
@@ -104,12 +108,16 @@ class PixelBlock(nn.Module):
             compressed.append(self.compress_to_attn(xn.flatten(1)))  # (n, A)
         xc = torch.cat(compressed) if len(compressed) > 1 else compressed[0]  # (N, A)
         a = self.attn(xc.view(batch, N // batch, -1), rope).flatten(0, 1)  # (N, A)
+        in_place = not torch.is_grad_enabled()
+        outs = []
         for s, e in _chunks(N, chunk):
             gate_msa, shift, scale, gate_mlp = mod.chunks(cond[s:e], 2, 4).unbind(1)  # 4 x (n, P, C)
-            x = p[s:e]  # (n, P, C) float32 view: both residual updates land in place
-            x += gate_msa * self.expand_from_attn(a[s:e]).view_as(gate_msa)
-            x += gate_mlp * self.mlp(modulate(self.norm2(x), shift, scale))
-        return p
+            x = p[s:e]  # (n, P, C) float32 view of the residual stream
+            attn_out = gate_msa * self.expand_from_attn(a[s:e]).view_as(gate_msa)
+            x = x.add_(attn_out) if in_place else x + attn_out
+            mlp_out = gate_mlp * self.mlp(modulate(self.norm2(x), shift, scale))
+            outs.append(x.add_(mlp_out) if in_place else x + mlp_out)
+        return p if in_place else torch.cat(outs)  # (N, P, C)
 
 
 class PixelEmbedder(nn.Module):

@@ -1,6 +1,7 @@
 """Position tables: 2-D RoPE (original / NTK-aware), 1-D text RoPE, per-pixel sin-cos embedding.
 
-Every table depends only on sizes, so it is computed once per (size, device) and cached.
+Every table depends only on sizes, so it is computed once per (size, device) and cached. The cached tables are
+made outside inference mode, so one first computed while sampling still serves a training step's autograd.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ RopeTable = torch.Tensor
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)
 def rope_2d(
     grid_h: int, grid_w: int, head_dim: int, mode: str, ref_grid: tuple[int, int], device: torch.device
 ) -> RopeTable:
@@ -48,6 +50,7 @@ def _table(angle: torch.Tensor, device: torch.device) -> RopeTable:
 
 
 @functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)
 def rope_1d(length: int, head_dim: int, theta: float, device: torch.device) -> RopeTable:
     """1-D RoPE for text positions ``0 .. length-1``."""
     freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
@@ -56,6 +59,7 @@ def rope_1d(length: int, head_dim: int, theta: float, device: torch.device) -> R
 
 
 @functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)
 def pixel_sincos(height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype) -> tuple[
     torch.Tensor, torch.Tensor
 ]:
