@@ -1279,35 +1279,44 @@ def _load_train_config(args: argparse.Namespace):
         raise UsageError(str(err)) from None
 
 
-@command("train", "train a PiD teacher (stage 1) or finetune PixelDiT (stage 0); one process or torchrun")
-def cmd_train(args: argparse.Namespace) -> int:
+def _run_training(args: argparse.Namespace, stage: str) -> int:
+    """`train` and `distill`: load the config, print it once, run, print the last checkpoint (rank 0)."""
+    import dataclasses
     import os
 
-    from .training.checkpoint import CheckpointError
-    from .training.config import ConfigError
-    from .training.trainer import train
-
-    cfg = _load_train_config(args)
-    if args.quiet:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
-    elif os.environ.get("RANK", "0") == "0":  # torchrun: print once
-        from .training.config import format_config
-
-        print(format_config(cfg), file=sys.stderr)
     import torch.distributed as dist
 
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError, format_config
+
+    cfg = _load_train_config(args)
+    if stage == "distill":
+        from .training.distiller import distill as run
+
+        if cfg.distill is None:
+            raise UsageError(f"{args.config} has no [distill] section; start from configs/distill/ (docs/training.md)")
+    else:
+        from .training.trainer import train as run
+    rank0 = os.environ.get("RANK", "0") == "0"  # torchrun: print once
+    if args.quiet:
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
+    elif rank0:
+        print(format_config(cfg), file=sys.stderr)
     try:
-        result = train(cfg, resume=args.resume)
+        result = run(cfg, resume=args.resume)
     except (ConfigError, CheckpointError, PermissionError) as err:
         raise UsageError(str(err)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
+    if result.checkpoint is not None and rank0:
         print(result.checkpoint)
     return 0
+
+
+@command("train", "train a PiD teacher (stage 1) or finetune PixelDiT (stage 0); one process or torchrun")
+def cmd_train(args: argparse.Namespace) -> int:
+    return _run_training(args, "train")
 
 
 cmd_train.arguments = _train_common_args
@@ -1315,32 +1324,7 @@ cmd_train.arguments = _train_common_args
 
 @command("distill", "distill a PiD teacher into the few-step student (DMD2, stage 2); one process or torchrun")
 def cmd_distill(args: argparse.Namespace) -> int:
-    import dataclasses
-    import os
-
-    from .training.checkpoint import CheckpointError
-    from .training.config import ConfigError, format_config
-    from .training.distiller import distill
-
-    cfg = _load_train_config(args)
-    if cfg.distill is None:
-        raise UsageError(f"{args.config} has no [distill] section; start from configs/distill/ (docs/training.md)")
-    if args.quiet:
-        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))
-    elif os.environ.get("RANK", "0") == "0":  # torchrun: print once
-        print(format_config(cfg), file=sys.stderr)
-    import torch.distributed as dist
-
-    try:
-        result = distill(cfg, resume=args.resume)
-    except (ConfigError, CheckpointError, PermissionError) as err:
-        raise UsageError(str(err)) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
-        print(result.checkpoint)
-    return 0
+    return _run_training(args, "distill")
 
 
 cmd_distill.arguments = _train_common_args
