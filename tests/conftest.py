@@ -60,3 +60,15 @@ def tiny_net(tiny_config):
 
     torch.manual_seed(1234)
     return PiDNet(tiny_config).eval()
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`pid-decoder ARGV` in this process: (exit code, stdout, stderr)."""
+    from pid_decoder import cli
+
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

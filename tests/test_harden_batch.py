@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 import pid_decoder
-from pid_decoder import atomic, cli
+from pid_decoder import atomic
 
+from .conftest import run_cli
 from .test_pipeline_support import FakeHub, make_assets, random_image
 
 pytest.importorskip("diffusers")
@@ -89,13 +90,7 @@ def images(folder: Path, n: int) -> Path:
     return folder
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pid_decoder import cli
-
+from .conftest import run_cli
 from .test_pipeline_support import TINY_ALIAS, FakeHub, make_assets, random_image, register_presets
 
 pytest.importorskip("diffusers")
@@ -49,13 +48,7 @@ def no_load(monkeypatch):
     monkeypatch.setattr(PiDPipeline, "from_pretrained", classmethod(refuse))
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def model_args(assets) -> list:

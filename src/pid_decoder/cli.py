@@ -1028,15 +1028,12 @@ def _ldm_tag(args: argparse.Namespace) -> str:
 
 
 def _parse_resolution(text: str) -> tuple[int, int]:
+    from .io import parse_resolution
+
     try:
-        parts = [int(v) for v in str(text).replace("x", ",").split(",")]
-    except ValueError:
-        raise UsageError(f"--resolution must be N or W,H, got {text!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise UsageError(f"--resolution must be N or W,H with positive sizes, got {text!r}")
-    return parts[0], parts[1]
+        return parse_resolution(text)
+    except ValueError as err:
+        raise UsageError(f"--resolution {err}") from None
 
 
 def _slug(text: str, limit: int = 40) -> str:

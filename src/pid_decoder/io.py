@@ -277,3 +277,16 @@ def save_latent(latent: torch.Tensor, path: str | os.PathLike) -> Path:
 
     tensor = latent.detach().to("cpu").contiguous()
     return atomic_write(path, lambda tmp: save_file({LATENT_KEY: tensor}, tmp))
+
+
+def parse_resolution(text: str | int) -> tuple[int, int]:
+    """"N", "W,H" or "WxH" in pixels -> (W, H); a ValueError saying the accepted forms otherwise."""
+    try:
+        parts = [int(v) for v in str(text).strip().lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise ValueError(f"must be N or W,H in pixels, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise ValueError(f"must be N or W,H with positive sizes, got {text!r}")
+    return parts[0], parts[1]

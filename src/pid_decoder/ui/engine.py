@@ -134,15 +134,12 @@ def upscale_input_size(image_size: tuple[int, int], size: str | int | None, scal
 
 def parse_resolution(text: str | int) -> tuple[int, int]:
     """"N" or "W,H" (also "WxH") -> (W, H), as `pid-decoder generate --resolution`."""
+    from ..io import parse_resolution as parse
+
     try:
-        parts = [int(v) for v in str(text).strip().lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise InputError(f"Resolution must be N or W,H in pixels, got {text!r}.") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise InputError(f"Resolution must be N or W,H with positive sizes, got {text!r}.")
-    return parts[0], parts[1]
+        return parse(text)
+    except ValueError as err:
+        raise InputError(f"Resolution {err}.") from None
 
 
 def _seed(seed: Any) -> int:
