@@ -659,7 +659,10 @@ def _write(path: Path, image, baseline, args: argparse.Namespace, fmt: str) -> N
         if err.errno in _FULL_ERRNOS:
             raise OutOfSpace(path, err) from err
         raise
-    print(path, flush=True)
+    # One write per line: torchrun ranks share stdout, and print() writes the text and its newline separately,
+    # so two ranks' paths could interleave on one line.
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
 
 
 class _Batch:
