@@ -402,7 +402,7 @@ def test_runtime_error_exit_1(assets, tmp_path, capsys):
 def test_generate_with_tiny_flux_pipeline(assets, presets, tmp_path, capsys, monkeypatch):
     from diffusers import AutoencoderKL
 
-    from pid_decoder import pipeline
+    from pid_decoder import ldm as ldm_module
 
     ldm = tiny_flux_pipeline(AutoencoderKL.from_pretrained(assets["vae"]))
     loaded = []
@@ -411,7 +411,7 @@ def test_generate_with_tiny_flux_pipeline(assets, presets, tmp_path, capsys, mon
         loaded.append(model)
         return ldm
 
-    monkeypatch.setattr(pipeline, "load_ldm_pipeline", fake_loader)
+    monkeypatch.setattr(ldm_module, "load_ldm_pipeline", fake_loader)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox\n\na blue bird\n", encoding="utf-8")
     argv = ["generate", "--prompt-file", prompts, "--resolution", "128,64", "--ldm-steps", "3", "--capture-steps",

@@ -100,7 +100,7 @@ def test_teacher_steps_must_be_whole(tiny_net):
     ("cuda:3", r"CUDA"),
 ])
 def test_resolve_device_refuses_what_the_machine_lacks(device, message):
-    from pid_decoder.pipeline import resolve_device
+    from pid_decoder.devices import resolve_device
 
     if device.startswith("cuda") and torch.cuda.is_available() and device != "cuda:3":
         pytest.skip("this machine has CUDA")
@@ -113,7 +113,7 @@ def test_resolve_device_refuses_what_the_machine_lacks(device, message):
 
 # --------------------------------------------------------------------------- upscale sizes
 def test_plan_upscale_size_rules():
-    from pid_decoder.pipeline import plan_upscale_size
+    from pid_decoder.backbones.images import plan_upscale_size
 
     # default: the reference's centre-crop, no resize
     assert plan_upscale_size((1000, 750), preset_scale=4) == (None, (3968, 2944), "")
@@ -138,7 +138,7 @@ def test_plan_upscale_size_rules():
     ({"scale": 2, "long_edge": 100}, r"at most one of scale, size and long_edge"),
 ])
 def test_plan_upscale_size_refuses(kwargs, message):
-    from pid_decoder.pipeline import plan_upscale_size
+    from pid_decoder.backbones.images import plan_upscale_size
 
     with pytest.raises(ValueError, match=message):
         plan_upscale_size((100, 100), preset_scale=4, **kwargs)

@@ -186,7 +186,7 @@ def test_constructor_and_checkpoint_path(assets, net, emb):
 
 
 def test_device_and_dtype_resolution():
-    from pid_decoder.pipeline import resolve_device, resolve_dtype
+    from pid_decoder.devices import resolve_device, resolve_dtype
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == torch.float32

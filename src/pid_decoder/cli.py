@@ -316,7 +316,7 @@ def _quiet_libraries(quiet: bool) -> None:
 
 
 def _check_device(flag: str, device: str) -> None:
-    from .pipeline import check_device
+    from .devices import check_device
 
     try:
         check_device(device)
@@ -364,7 +364,7 @@ def _check_tile(args: argparse.Namespace, patch: int) -> None:
 
 def _check_model_args(args: argparse.Namespace) -> None:
     """Every check of the command line that needs no input file and no weights (exit 2)."""
-    from .pipeline import SEED_MAX
+    from .devices import SEED_MAX
 
     if args.config and not args.checkpoint:
         raise UsageError("--config describes a --checkpoint file; give --checkpoint too")
@@ -434,7 +434,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise UsageError("--tile is for the distilled presets; this preset uses the teacher sampler")
     import torch
 
-    from .pipeline import resolve_noise_device
+    from .devices import resolve_noise_device
 
     try:  # checked before any weight is loaded
         resolve_noise_device(args.noise_device, torch.device("cpu"))
@@ -816,8 +816,9 @@ def _upscale_args(p: argparse.ArgumentParser) -> None:
 
 @command("upscale", "image -> VAE latent -> PiD image at the preset's scale (4x, or 8x for siglip)")
 def cmd_upscale(args: argparse.Namespace) -> int:
+    from .backbones.images import plan_upscale_size
+    from .devices import check_seed
     from .io import IMAGE_SUFFIXES, check_image, read_image
-    from .pipeline import check_seed, plan_upscale_size
 
     _check_model_args(args)
     size = _parse_size(args.size) if args.size else None
@@ -913,7 +914,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
 
 def _check_latent_file(latents, path: Path, args: argparse.Namespace, config) -> None:
     """The latent fits the run's network (channels) and latent space (backbones.check_latent); ValueError if not."""
-    from .pipeline import SEED_MAX
+    from .devices import SEED_MAX
 
     if config is not None and config.lq is not None and latents.shape[1] != config.lq.latent_channels:
         preset = _run_preset(args)
@@ -1013,7 +1014,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _ldm_tag(args: argparse.Namespace) -> str:
     """The LDM whose defaults `generate` uses: --ldm, else the latent space of --backbone / the preset."""
-    from .pipeline import LDM_DEFAULTS
+    from .ldm import LDM_DEFAULTS
     from .presets import resolve_preset
 
     if args.ldm:
@@ -1048,7 +1049,7 @@ def _slug(text: str, limit: int = 40) -> str:
 
 @command("generate", "prompt -> diffusers LDM -> captured latents -> PiD images (with the LDM's own decode)")
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .pipeline import ldm_defaults, load_ldm_pipeline
+    from .ldm import ldm_defaults, load_ldm_pipeline
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -1071,7 +1072,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bad = [k for k in capture if not 1 <= k <= n_steps]
     if bad:
         raise UsageError(f"--capture-steps must be in 1..{n_steps} (the LDM steps), got {bad}")
-    from .pipeline import check_seed
+    from .devices import check_seed
 
     try:
         check_seed(args.seed, len(prompts))

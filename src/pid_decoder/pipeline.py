@@ -25,141 +25,22 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import NetConfig, SamplerConfig
+from .devices import check_seed, resolve_device, resolve_dtype, resolve_noise_device
+from .ldm import KIND_TAG, ldm_defaults, load_ldm_pipeline
+from .memory import PiDOutOfMemoryError, available_memory, gib, is_oom, minimum_memory
 from .presets import Preset, resolve_preset
 from .sampling import broadcast_text
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
-
-
-# --------------------------------------------------------------------------- device / dtype
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
-
-
-def check_device(device: str | torch.device | None) -> None:
-    """Raise ValueError unless ``device`` is "auto" or a device this machine has (cpu, cuda[:N], mps)."""
-    if device is None:
-        return
-    text = str(device).strip()
-    if text == "auto":
-        return
-    if not text:
-        raise ValueError("device is empty; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in DEVICE_TYPES:
-        raise ValueError(f"unknown device {text!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {text!r} requested but CUDA is not available on this machine; use 'cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {text!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s) "
-                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
-            )
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(
-                f"device {text!r} requested but MPS (Apple GPU) is not available on this machine; use 'cpu'"
-            )
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu; else a device this machine has (`check_device`)."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    check_device(device)
-    return torch.device(str(device).strip()) if not isinstance(device, torch.device) else device
-
-
-def check_seed(seed: Any, count: int = 1, name: str = "seed") -> int:
-    """``seed`` as an int, checked so that ``seed .. seed + count - 1`` are all valid generator seeds."""
-    import numbers
-
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be a whole number in [0, 2**64 - 1], got {seed!r} ({type(seed).__name__})")
-    seed = int(seed)
-    if not 0 <= seed <= SEED_MAX - max(count - 1, 0):
-        last = f" (item seeds run up to {name} + {count - 1})" if count > 1 else ""
-        raise ValueError(f"{name} must be in [0, 2**64 - 1]{last}, got {seed}")
-    return seed
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto" -> bf16 on CUDA, fp32 elsewhere; "bf16" / "fp32" (and torch dtypes) as given."""
-    from .checkpoints import parse_dtype
-
-    if dtype is None or str(dtype) == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return parse_dtype(dtype)
-
-
-# --------------------------------------------------------------------------- LDM defaults (pipelines.md §2.1)
-@dataclass(frozen=True)
-class LDMDefaults:
-    """How the reference runs one LDM: hub id, steps, guidance, recommended capture step(s), extra kwargs."""
-
-    model: str
-    steps: int
-    guidance: float
-    capture: tuple[int, ...]  # recommended intermediate step(s) K; x0 is always decoded too
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-_MSL = {"max_sequence_length": 512}
-LDM_DEFAULTS: dict[str, LDMDefaults] = {
-    "flux": LDMDefaults("black-forest-labs/FLUX.1-dev", 28, 3.5, (24,), _MSL),
-    "sd3": LDMDefaults("stabilityai/stable-diffusion-3-medium-diffusers", 28, 4.0, (24,)),
-    "sdxl": LDMDefaults("stabilityai/stable-diffusion-xl-base-1.0", 30, 7.5, (26,)),
-    "flux2": LDMDefaults("black-forest-labs/FLUX.2-dev", 50, 4.0, (46,), _MSL),
-    "flux2-klein-4b": LDMDefaults("black-forest-labs/FLUX.2-klein-4B", 4, 1.0, (), _MSL),
-    "flux2-klein-9b": LDMDefaults("black-forest-labs/FLUX.2-klein-9B", 4, 1.0, (), _MSL),
-    "qwenimage": LDMDefaults(
-        "Qwen/Qwen-Image", 50, 4.0, (44,), {**_MSL, "true_cfg_scale": 4.0, "negative_prompt": " "}
-    ),
-    "qwenimage-2512": LDMDefaults(
-        "Qwen/Qwen-Image-2512", 50, 4.0, (44,), {**_MSL, "true_cfg_scale": 4.0, "negative_prompt": " "}
-    ),
-    "zimage": LDMDefaults("Tongyi-MAI/Z-Image", 50, 5.0, (46,), _MSL),
-    "zimage-turbo": LDMDefaults("Tongyi-MAI/Z-Image-Turbo", 9, 0.0, (), _MSL),
-}
-# pipeline kind (backbones.packing.pipeline_kind) -> LDM tag used when the caller names none
-_KIND_TAG = {"flux2-klein": "flux2-klein-4b"}
-
-
-def ldm_defaults(tag: str) -> LDMDefaults:
-    key = tag.strip().lower()
-    if key not in LDM_DEFAULTS:
-        raise ValueError(f"unknown LDM {tag!r}; expected one of {', '.join(LDM_DEFAULTS)}")
-    return LDM_DEFAULTS[key]
-
-
-def load_ldm_pipeline(model: str, *, device: torch.device, dtype: torch.dtype) -> Any:
-    """A diffusers pipeline from a hub id or local folder (``DiffusionPipeline.from_pretrained``)."""
-    from diffusers import DiffusionPipeline
-
-    from .weights import offline
-
-    logger.info("loading the LDM pipeline %s (%s) on %s", model, dtype, device)
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=offline())
-    return pipe.to(device)
 
 
 # --------------------------------------------------------------------------- results
@@ -172,90 +53,6 @@ class Decoded:
     latent: torch.Tensor  # (1, C, h, w) float32, CPU
     image: Any  # PIL image, PiD output
     baseline: Any = None  # PIL image, native VAE decode (return_baseline=True)
-
-
-def resolve_noise_device(noise_device: str | torch.device, device: torch.device) -> torch.device:
-    """"auto" -> ``device`` when it is CUDA (the reference's generator), else cpu; else that device."""
-    if str(noise_device) == "auto":
-        return device if device.type == "cuda" else torch.device("cpu")
-    dev = torch.device(noise_device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"noise device must be 'auto', 'cpu' or a CUDA device, got {str(noise_device)!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"noise device {str(noise_device)!r} requested but CUDA is not available")
-    return dev
-
-
-class PiDOutOfMemoryError(RuntimeError):
-    """A decode does not fit in the memory of its device (also after one retry with half the pixel chunk).
-
-    ``height``/``width`` are the output size, ``device`` where it ran; ``needed``/``available`` (bytes) are set when
-    the up-front check refused it.
-    """
-
-    def __init__(self, message: str, *, height: int, width: int, device: torch.device, needed: int | None = None,
-                 available: int | None = None):
-        super().__init__(message)
-        self.height, self.width, self.device = height, width, device
-        self.needed, self.available = needed, available
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that a new allocation can still get on ``device`` (None when unknown).
-
-    CUDA: the free device memory. CPU: the smallest of the kernel's MemAvailable, the cgroup's limit minus its
-    usage (containers) and the address-space limit (``ulimit -v``) minus the process's size.
-    """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type != "cpu":
-        return None
-    limits: list[int] = []
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    limits.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        cg = Path("/sys/fs/cgroup")
-        limit, usage = (cg / "memory.max").read_text().strip(), (cg / "memory.current").read_text().strip()
-        if limit != "max":
-            limits.append(max(int(limit) - int(usage), 0))
-    except (OSError, ValueError):
-        pass
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY:
-            size = 0
-            with open("/proc/self/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("VmSize:"):
-                        size = int(line.split()[1]) * 1024
-            limits.append(max(soft - size, 0))
-    except (ImportError, OSError, ValueError):
-        pass
-    return min(limits) if limits else None
-
-
-def minimum_memory(height: int, width: int, batch: int = 1) -> int:
-    """A lower bound of the activation memory of one decode of ``height x width``: whatever the chunk or tiling,
-    the student loop holds the image, its velocity, its x0 estimate and the step noise (float32, 3 channels)."""
-    return 4 * batch * 3 * height * width * 4
 
 
 def _bf16_round(latent: torch.Tensor) -> torch.Tensor:
@@ -500,8 +297,8 @@ class PiDPipeline:
         needed = minimum_memory(height, width)
         if needed > available:
             raise PiDOutOfMemoryError(
-                f"an output of {width}x{height} needs at least {_gib(needed)} on {self.device} for the image "
-                f"tensors alone, but only {_gib(available)} is available; decode a smaller output (upscale: "
+                f"an output of {width}x{height} needs at least {gib(needed)} on {self.device} for the image "
+                f"tensors alone, but only {gib(available)} is available; decode a smaller output (upscale: "
                 f"scale=, size=, long_edge=; decode: a smaller latent) or use a device with more memory "
                 f"(max_memory= and tile= bound the network's activations, not these tensors)",
                 height=height, width=width, device=self.device, needed=needed, available=available,
@@ -539,7 +336,7 @@ class PiDPipeline:
         try:
             return self._sample_once(latent, text, sigma, seed, steps, callback, chunk, height, width)
         except Exception as err:
-            if not _is_oom(err):
+            if not is_oom(err):
                 raise
             first = err
         used = chunk if chunk is not None else self._auto_chunk(height, width)
@@ -552,7 +349,7 @@ class PiDPipeline:
         try:
             return self._sample_once(latent, text, sigma, seed, steps, callback, half, height, width)
         except Exception as err:
-            if not _is_oom(err):
+            if not is_oom(err):
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -703,6 +500,7 @@ class PiDPipeline:
         from PIL import Image
 
         from .backbones import image_to_tensor, tensor_to_image
+        from .backbones.images import plan_upscale_size, resize_cover
 
         self._require_lq()
         backbone = self._require_backbone("upscale")
@@ -852,7 +650,7 @@ class PiDPipeline:
             tag = (backbone or self.backbone_name or "flux").lower()
             ldm_pipeline = load_ldm_pipeline(ldm_defaults(tag).model, device=self.device, dtype=self.net.dtype)
         kind = self._check_pipeline_backbone(ldm_pipeline)
-        tag = (backbone or _KIND_TAG.get(kind, kind)).lower()
+        tag = (backbone or KIND_TAG.get(kind, kind)).lower()
         defaults = ldm_defaults(tag)
         n_steps = defaults.steps if ldm_steps is None else int(ldm_steps)
         guidance = defaults.guidance if guidance_scale is None else float(guidance_scale)
@@ -903,68 +701,6 @@ class PiDPipeline:
                 baseline = tensor_to_image(baseline_backbone.decode(latent)) if baseline_backbone else None
                 results.append(Decoded(label, float(sigma), latent, image, baseline))
         return results
-
-
-def plan_upscale_size(
-    image_size: tuple[int, int],
-    *,
-    preset_scale: int,
-    multiple: int = 16,
-    scale: int | None = None,
-    size: tuple[int, int] | None = None,
-    long_edge: int | None = None,
-) -> tuple[tuple[int, int] | None, tuple[int, int], str]:
-    """Where an upscale's input must be resized for the requested output (all sizes W x H).
-
-    At most one of ``scale`` (output = input x scale, 1 .. preset_scale: 2 on a 4x preset runs the 4x decoder on
-    a half-size input), ``size`` (output W x H) and ``long_edge`` (output long side, aspect kept). The output is
-    snapped to the nearest multiple of ``multiple x preset_scale`` (what the preset can produce).
-
-    Returns (input size to resize to, or None for the reference's plain centre-crop; output size; a message when
-    the request was snapped, else "").
-    """
-    given = [n for n, v in (("scale", scale), ("size", size), ("long_edge", long_edge)) if v is not None]
-    w, h = image_size
-    if not given:
-        crop = (w // multiple * multiple, h // multiple * multiple)
-        return None, (crop[0] * preset_scale, crop[1] * preset_scale), ""
-    if len(given) > 1:
-        raise ValueError(f"give at most one of scale, size and long_edge, got {', '.join(given)}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= preset_scale:
-            raise ValueError(f"scale must be a whole number in 1..{preset_scale} (this preset's factor), got {scale!r}")
-        want = (w * scale, h * scale)
-    elif size is not None:
-        want = tuple(size)
-        if len(want) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in want):
-            raise ValueError(f"size must be a (width, height) pair of positive ints, got {size!r}")
-    else:
-        if isinstance(long_edge, bool) or not isinstance(long_edge, int) or long_edge <= 0:
-            raise ValueError(f"long_edge must be a positive int, got {long_edge!r}")
-        want = (long_edge, round(long_edge * h / w)) if w >= h else (round(long_edge * w / h), long_edge)
-    step = multiple * preset_scale
-    out = tuple(max(step, round(v / step) * step) for v in want)
-    message = ""
-    if out != want:
-        message = (f"requested output {want[0]}x{want[1]} snapped to {out[0]}x{out[1]} (this preset produces "
-                   f"multiples of {step} px)")
-    return (out[0] // preset_scale, out[1] // preset_scale), out, message
-
-
-def resize_cover(image: Any, size: tuple[int, int]) -> Any:
-    """Resize (Lanczos) a PIL image to cover ``size`` (W, H) keeping its aspect, then centre-crop to exactly it."""
-    from PIL import Image
-
-    from .backbones.images import _to_rgb8
-
-    rgb = _to_rgb8(image)
-    w, h = rgb.size
-    factor = max(size[0] / w, size[1] / h)
-    cover = (max(size[0], round(w * factor)), max(size[1], round(h * factor)))
-    if cover != (w, h):
-        rgb = rgb.resize(cover, Image.LANCZOS)
-    left, top = (cover[0] - size[0]) // 2, (cover[1] - size[1]) // 2
-    return rgb.crop((left, top, left + size[0], top + size[1]))
 
 
 def _make_backbone(name: str | None, source: Any, device: torch.device | None, dtype: torch.dtype | None):

@@ -12,7 +12,7 @@ Mode handling: every mode becomes 8-bit RGB first.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -92,3 +92,63 @@ def tensor_to_image(x: torch.Tensor):
         raise ValueError(f"tensor_to_image expects (3, H, W) in [-1, 1], got shape {tuple(x.shape)}")
     arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)  # parity: truncation, not rounding
     return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy(), mode="RGB")
+
+
+def plan_upscale_size(
+    image_size: tuple[int, int],
+    *,
+    preset_scale: int,
+    multiple: int = 16,
+    scale: int | None = None,
+    size: tuple[int, int] | None = None,
+    long_edge: int | None = None,
+) -> tuple[tuple[int, int] | None, tuple[int, int], str]:
+    """Where an upscale's input must be resized for the requested output (all sizes W x H).
+
+    At most one of ``scale`` (output = input x scale, 1 .. preset_scale: 2 on a 4x preset runs the 4x decoder on
+    a half-size input), ``size`` (output W x H) and ``long_edge`` (output long side, aspect kept). The output is
+    snapped to the nearest multiple of ``multiple x preset_scale`` (what the preset can produce).
+
+    Returns (input size to resize to, or None for the reference's plain centre-crop; output size; a message when
+    the request was snapped, else "").
+    """
+    given = [n for n, v in (("scale", scale), ("size", size), ("long_edge", long_edge)) if v is not None]
+    w, h = image_size
+    if not given:
+        crop = (w // multiple * multiple, h // multiple * multiple)
+        return None, (crop[0] * preset_scale, crop[1] * preset_scale), ""
+    if len(given) > 1:
+        raise ValueError(f"give at most one of scale, size and long_edge, got {', '.join(given)}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= preset_scale:
+            raise ValueError(f"scale must be a whole number in 1..{preset_scale} (this preset's factor), got {scale!r}")
+        want = (w * scale, h * scale)
+    elif size is not None:
+        want = tuple(size)
+        if len(want) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in want):
+            raise ValueError(f"size must be a (width, height) pair of positive ints, got {size!r}")
+    else:
+        if isinstance(long_edge, bool) or not isinstance(long_edge, int) or long_edge <= 0:
+            raise ValueError(f"long_edge must be a positive int, got {long_edge!r}")
+        want = (long_edge, round(long_edge * h / w)) if w >= h else (round(long_edge * w / h), long_edge)
+    step = multiple * preset_scale
+    out = tuple(max(step, round(v / step) * step) for v in want)
+    message = ""
+    if out != want:
+        message = (f"requested output {want[0]}x{want[1]} snapped to {out[0]}x{out[1]} (this preset produces "
+                   f"multiples of {step} px)")
+    return (out[0] // preset_scale, out[1] // preset_scale), out, message
+
+
+def resize_cover(image: Any, size: tuple[int, int]) -> Any:
+    """Resize (Lanczos) a PIL image to cover ``size`` (W, H) keeping its aspect, then centre-crop to exactly it."""
+    from PIL import Image
+
+    rgb = _to_rgb8(image)
+    w, h = rgb.size
+    factor = max(size[0] / w, size[1] / h)
+    cover = (max(size[0], round(w * factor)), max(size[1], round(h * factor)))
+    if cover != (w, h):
+        rgb = rgb.resize(cover, Image.LANCZOS)
+    left, top = (cover[0] - size[0]) // 2, (cover[1] - size[1]) // 2
+    return rgb.crop((left, top, left + size[0], top + size[1]))

@@ -254,7 +254,7 @@ class WebApp:
         return [slider, files, settings]
 
     def _models_note(self) -> str:
-        from ..pipeline import resolve_device
+        from ..devices import resolve_device
 
         opts = self.engine.options
         limits = (f"Uploads up to {opts.max_upload_mb:g} MB, outputs up to {opts.max_output_pixels / 1e6:.1f} MP.")

@@ -335,7 +335,7 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     def _text(self):
-        from ..pipeline import resolve_device
+        from ..devices import resolve_device
         from ..text import DEFAULT_TEXT_ENCODER, TextEncoder
 
         if self._text_encoder is None:  # loads nothing until a prompt is not cached; shared by every model
@@ -408,7 +408,7 @@ class Engine:
     # ------------------------------------------------------------------ LDM for Generate
     def _ldm_source(self, entry: ModelEntry) -> tuple[str, str]:
         """(LDM tag for the defaults, diffusers folder or hub id) for a model."""
-        from ..pipeline import LDM_DEFAULTS
+        from ..ldm import LDM_DEFAULTS
 
         tag = (self.options.ldm or entry.backbone or "flux").lower()
         if self._given_ldm is not None:
@@ -418,7 +418,7 @@ class Engine:
 
     def ldm_defaults(self, key: str):
         """The `LDMDefaults` Generate uses with this model (None when no LDM is known for it)."""
-        from ..pipeline import LDM_DEFAULTS
+        from ..ldm import LDM_DEFAULTS
 
         if key not in self.models:
             return None
@@ -426,7 +426,7 @@ class Engine:
 
     def ldm_status(self, key: str) -> tuple[bool, str]:
         """Whether Generate can run with this model, and a sentence saying with what, or what is missing."""
-        from ..pipeline import LDM_DEFAULTS
+        from ..ldm import LDM_DEFAULTS
 
         if key not in self.models:
             return False, "Generate needs a PiD model; none is offered by this server."
@@ -453,7 +453,7 @@ class Engine:
             return self._given_ldm
         _, model = self._ldm_source(entry)
         if self._ldm is None or self._ldm[0] != model:
-            from ..pipeline import load_ldm_pipeline
+            from ..ldm import load_ldm_pipeline
 
             if self._ldm is not None:
                 self._drop_ldm()
@@ -671,7 +671,7 @@ class Engine:
         """Prompt -> LDM -> PiD with the defaults of `pid-decoder generate`; the LDM's own decode as comparison."""
         from PIL import Image
 
-        from ..pipeline import ldm_defaults
+        from ..ldm import ldm_defaults
 
         entry = self.entry(key)
         prompt = (prompt or "").strip()
