@@ -11,12 +11,17 @@ from torch import nn
 
 from pid_decoder.training.discriminator import Discriminator, TeacherWithFeatures, optimal_groups
 from pid_decoder.training.distill_losses import (
+    STUDENT_INPUT_T,
     DistillDraws,
     distill_critic_losses,
     distill_student_losses,
     draw_randomness,
     perturbation_t,
+    self_rollout_x0,
+    teacher_forcing_x0,
+    velocity,
     vsd_loss,
+    x0_from_velocity,
 )
 from pid_decoder.training.distiller import (
     CRITIC,
@@ -327,6 +332,185 @@ def test_critic_update_trains_only_fake_score_and_discriminator(tiny_setup):
     assert _with_grad(Fk) and _with_grad(D) == {n for n, _ in D.named_parameters()}
     assert not _with_grad(G) and not _with_grad(T.net)
     assert set(out) == {"dsm", "disc", "r1", "total"} and all(torch.isfinite(v) for v in out.values())
+
+
+# ----------------------------------------------------------------------------- self-rollout student input
+
+
+class RecordingNet(ScaleNet):
+    """ScaleNet that also records, per call, its input and whether grad mode was on."""
+
+    def __init__(self, a: float, c: float = 0.0) -> None:
+        super().__init__(a, c)
+        self.inputs, self.grad_mode = [], []
+
+    def forward_train(self, x, t, text, lq, sigma):
+        self.inputs.append(x.detach().clone())
+        self.grad_mode.append(torch.is_grad_enabled())
+        return super().forward_train(x, t, text, lq, sigma)
+
+
+def _rollout_by_hand(a, noise, steps_noise, k, mode):
+    """float64 rollout of v = a x: k sampler steps on the t list, then x0 = x - t_k v at t_k."""
+    ts = [float(torch.tensor(t, dtype=torch.float32)) for t in STUDENT_INPUT_T]
+    x = noise.double()
+    for i in range(k):
+        v = a * x
+        x = (1 - ts[i + 1]) * (x - ts[i] * v) + ts[i + 1] * steps_noise[i].double() if mode == "sde" else (
+            x + (ts[i + 1] - ts[i]) * v)
+    return x, x - ts[k] * a * x  # (input of step k, its x0)
+
+
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_self_rollout_by_hand_and_gradient_only_through_the_last_forward(mode):
+    b, d = _batch(), _draws()
+    k, a = 2, 0.5
+    g = torch.Generator().manual_seed(3)
+    steps_noise = torch.randn(k, 2, 3, 4, 4, generator=g) if mode == "sde" else None
+    G = RecordingNet(a)
+    out = self_rollout_x0(G, b["text"], b["lq_latent"], b["degrade_sigma"], d.noise, k, steps_noise,
+                          sample_type=mode)
+    x_k, want = _rollout_by_hand(a, d.noise, steps_noise, k, mode)
+    assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(G.calls), torch.tensor([[999.0] * 2, [866.0] * 2, [634.0] * 2]))
+    assert G.grad_mode == [False, False, True]  # the k rollout steps run without grad
+    out.sum().backward()
+    # d out / d a = -t_k x_k with x_k a constant: any backpropagation through the rollout would add terms
+    assert G.a.grad.item() == pytest.approx(float(-0.634 * x_k.sum()), rel=1e-5)
+
+
+def test_self_rollout_k0_is_the_pure_noise_input():
+    b, d = _batch(), _draws()
+    G = ScaleNet(0.5, 0.2)
+    args = (b["text"], b["lq_latent"], b["degrade_sigma"])
+    empty = d.noise.new_empty((0, *d.noise.shape))
+    out = self_rollout_x0(G, *args, d.noise, torch.tensor([0]), empty)
+    s = torch.full((2,), STUDENT_INPUT_T[0])
+    torch.testing.assert_close(out, x0_from_velocity(d.noise, s, velocity(G, d.noise, 1000 * s, *args)), rtol=0,
+                               atol=0)
+    torch.testing.assert_close(self_rollout_x0(G, *args, d.noise, 0, sample_type="ode"), out, rtol=0, atol=0)
+    forced = teacher_forcing_x0(G, b["hq"], *args, torch.tensor([0, 0]), d.noise, STUDENT_INPUT_T)
+    assert not torch.allclose(forced, out)  # teacher forcing at 0.999 keeps 0.001 of the real image
+
+
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_self_rollout_last_k_is_the_four_step_sampler(tiny_net, tiny_config, mode):
+    """k = 3 rolls out the released sampler's first three steps: its x0 is the 4-step sample (unclamped)."""
+    from pid_decoder.sampling import student_loop
+
+    g = torch.Generator().manual_seed(2)
+    B, H, W = 2, 32, 32
+    noise = torch.randn(B, 3, H, W, generator=g)
+    steps_noise = torch.randn(3, B, 3, H, W, generator=g)
+    cond = (torch.randn(B, 4, tiny_config.txt_embed_dim, generator=g), torch.randn(B, 16, 1, 1, generator=g),
+            torch.tensor([0.1, 0.4]))
+    with torch.no_grad():
+        got = self_rollout_x0(tiny_net, *cond, noise, 3, steps_noise if mode == "sde" else None, sample_type=mode)
+        want = student_loop(lambda x, t: tiny_net.forward_train(x, t, *cond)[0], noise, 4, mode=mode,
+                            step_noise=list(steps_noise), clamp=False)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_self_rollout_input_errors():
+    b, d = _batch(), _draws()
+    args = (ScaleNet(0.5), b["text"], b["lq_latent"], b["degrade_sigma"], d.noise)
+    with pytest.raises(ValueError, match="one k for the whole batch"):
+        self_rollout_x0(*args, torch.tensor([1, 2]), torch.zeros(1, 2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"k must lie in \[0, 4\)"):
+        self_rollout_x0(*args, 4, sample_type="ode")
+    with pytest.raises(ValueError, match=r"needs rollout_noise of shape \(2, 2, 3, 4, 4\), got \(1, 2, 3, 4, 4\)"):
+        self_rollout_x0(*args, 2, torch.zeros(1, 2, 3, 4, 4))
+    with pytest.raises(ValueError, match="ode self-rollout draws no noise"):
+        self_rollout_x0(*args, 1, torch.zeros(1, 2, 3, 4, 4), sample_type="ode")
+    with pytest.raises(ValueError, match="student_input_mode must be one of"):
+        distill_critic_losses(ScaleNet(0.5), SimpleTeacher(0.7), ScaleNet(0.0), None, b["hq"], b["lq_latent"],
+                              b["text"], b["degrade_sigma"], k=d.k, noise=d.noise, t=d.t, eps=d.eps,
+                              student_input_mode="rollout")
+
+
+def test_rollout_randomness_order_and_rows():
+    shape = (4, 3, 4, 4)
+    for seed in range(6):  # several seeds: k = 0 (no re-noising draws) and k > 0 both occur
+        d = draw_randomness(torch.Generator().manual_seed(seed), shape, critic=True,
+                            student_input_mode="pidself_rollout")
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(shape, generator=g)
+        k = torch.randint(0, 4, (1,), generator=g)
+        steps = [torch.randn(shape, generator=g) for _ in range(int(k))]
+        t = perturbation_t(torch.randn(4, generator=g))
+        eps, r1 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        assert d.k.shape == (1,) and torch.equal(d.k, k) and d.rollout_noise.shape == (int(k), *shape)
+        for got, want in ((d.noise, noise), (d.t, t), (d.eps, eps), (d.r1_noise, r1)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if steps:
+            torch.testing.assert_close(d.rollout_noise, torch.stack(steps), rtol=0, atol=0)
+        part = draw_randomness(torch.Generator().manual_seed(seed), shape, rows=slice(2, 4),
+                               student_input_mode="pidself_rollout")
+        assert torch.equal(part.k, d.k)  # one k for the global batch, every rank's rows re-noised alike
+        torch.testing.assert_close(part.rollout_noise, d.rollout_noise[:, 2:4], rtol=0, atol=0)
+        ode = draw_randomness(torch.Generator().manual_seed(seed), shape, student_input_mode="pidself_rollout",
+                              sample_type="ode")
+        assert ode.rollout_noise is None and torch.equal(ode.k, k)
+        g = torch.Generator().manual_seed(seed)  # the ode rollout draws nothing between k and t
+        torch.randn(shape, generator=g), torch.randint(0, 4, (1,), generator=g)
+        torch.testing.assert_close(ode.t, perturbation_t(torch.randn(4, generator=g)), rtol=0, atol=0)
+
+
+def _rollout_draws(seed, shape, k, critic=False, sample_type="sde"):
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randn(k, *shape, generator=g)
+    return {"k": torch.tensor([k]), "noise": torch.randn(shape, generator=g), "t": torch.tensor([0.4]),
+            "rollout_noise": steps if sample_type == "sde" else None, "sample_type": sample_type,
+            "eps": torch.randn(shape, generator=g), "student_input_mode": "pidself_rollout",
+            **({"r1_noise": torch.randn(shape, generator=g)} if critic else {})}
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_rollout_student_step_trains_only_the_student_through_its_last_forward(tiny_setup, k):
+    G, T, Fk, D, batch, null = tiny_setup
+    G.requires_grad_(True)
+    Fk.requires_grad_(True)
+    draws = _rollout_draws(3, (1, 3, 32, 32), k)
+    grad_flags = []
+    orig = G.forward_train
+    G.forward_train = lambda *a: (grad_flags.append(torch.is_grad_enabled()), orig(*a))[1]
+    try:
+        out = distill_student_losses(G, T, Fk, D, **batch, null_text=null, **draws, gan_weight=0.05)
+        out["total"].backward()
+        assert grad_flags == [False] * k + [True]  # k rollout forwards without grad, then the one with grad
+        assert _with_grad(G) and not _with_grad(Fk) and not _with_grad(T.net) and not _with_grad(D)
+        G.zero_grad(set_to_none=True)
+        gan_only = distill_student_losses(G, T, Fk, D, **batch, null_text=null, **draws, vsd_weight=0.0,
+                                          gan_weight=1.0)
+        gan_only["total"].backward()
+        assert _with_grad(G) and not _with_grad(D)  # the GAN term reaches the student through step k too
+        G.zero_grad(set_to_none=True)
+        again = distill_student_losses(G, T, Fk, D, **batch, null_text=null, **draws, gan_weight=0.05)
+        assert all(torch.equal(again[n], out[n]) for n in out)  # pinned draws: the same numbers
+    finally:
+        G.forward_train = orig
+
+
+@pytest.mark.parametrize("sample_type", ["sde", "ode"])
+def test_rollout_critic_step_trains_only_fake_score_and_discriminator(tiny_setup, sample_type):
+    G, T, Fk, D, batch, _null = tiny_setup
+    G.requires_grad_(True)
+    Fk.requires_grad_(True)
+    draws = _rollout_draws(4, (1, 3, 32, 32), 2, critic=True, sample_type=sample_type)
+    out = distill_critic_losses(G, T, Fk, D, **batch, **draws)
+    out["total"].backward()
+    assert _with_grad(Fk) and _with_grad(D) == {n for n, _ in D.named_parameters()}
+    assert not _with_grad(G) and not _with_grad(T.net)
+    forced = distill_critic_losses(G, T, Fk, D, **batch, **{**draws, "student_input_mode": "teacher_forcing",
+                                                            "k": torch.tensor([2]), "rollout_noise": None})
+    assert forced["dsm"].item() != pytest.approx(out["dsm"].item(), rel=1e-4)  # the mode changes the sample
+    if sample_type == "sde":
+        other = distill_critic_losses(G, T, Fk, D, **batch, **{**draws, "rollout_noise": -draws["rollout_noise"]})
+        assert other["dsm"].item() != pytest.approx(out["dsm"].item(), rel=1e-4)  # the re-noising is used
+    else:
+        sde = distill_critic_losses(G, T, Fk, D, **batch, **_rollout_draws(4, (1, 3, 32, 32), 2, critic=True))
+        assert sde["dsm"].item() != pytest.approx(out["dsm"].item(), rel=1e-4)  # the ode step is not the sde one
 
 
 # ----------------------------------------------------------------------------- schedule mechanics
