@@ -92,25 +92,6 @@ def test_teacher_steps_must_be_whole(tiny_net):
                        cfg_scale=1.0)
 
 
-@pytest.mark.parametrize(("device", "message"), [
-    ("tpu", r"unknown device 'tpu'"),
-    ("", r"device is empty"),
-    ("mps", r"MPS \(Apple GPU\) is not available"),
-    ("cuda", r"CUDA is not available"),
-    ("cuda:3", r"CUDA"),
-])
-def test_resolve_device_refuses_what_the_machine_lacks(device, message):
-    from pid_decoder.devices import resolve_device
-
-    if device.startswith("cuda") and torch.cuda.is_available() and device != "cuda:3":
-        pytest.skip("this machine has CUDA")
-    if device == "mps" and torch.backends.mps.is_available():
-        pytest.skip("this machine has MPS")
-    with pytest.raises(ValueError, match=message):
-        resolve_device(device)
-    assert resolve_device("cpu") == torch.device("cpu")
-
-
 # --------------------------------------------------------------------------- upscale sizes
 def test_plan_upscale_size_rules():
     from pid_decoder.backbones.images import plan_upscale_size
@@ -148,7 +129,7 @@ def test_upscale_to_scale_size_and_long_edge(pipe, caplog):
     image = random_image(40, 24, seed=1)
     assert pipe.upscale(image, text_embedding=TEXT, steps=1)[0].size == (128, 64)  # crop 32x16, 4x
     assert pipe.upscale(image, text_embedding=TEXT, steps=1, scale=2)[0].size == (64, 64)  # 80x48 -> 64x64
-    with caplog.at_level(logging.WARNING, logger="pid_decoder.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="pid_decoder.backbones.images"):
         out = pipe.upscale(image, text_embedding=TEXT, steps=1, size=(100, 70))[0]
     assert out.size == (128, 64) and "requested output 100x70 snapped to 128x64" in caplog.text
     assert pipe.upscale(image, text_embedding=TEXT, steps=1, long_edge=128)[0].size == (128, 64)
@@ -161,11 +142,11 @@ def test_upscale_empty_list_is_a_value_error(pipe):
 
 # --------------------------------------------------------------------------- memory
 def test_memory_is_checked_before_any_compute(pipe, monkeypatch):
-    from pid_decoder import pipeline, sampling
+    from pid_decoder import memory, sampling
 
-    monkeypatch.setattr(pipeline, "available_memory", lambda device: 10_000)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 10_000)
     monkeypatch.setattr(sampling, "sample", lambda *a, **kw: pytest.fail("computed despite the memory check"))
-    with pytest.raises(pipeline.PiDOutOfMemoryError, match=r"64x64 needs at least .* on cpu .* size=, long_edge="):
+    with pytest.raises(memory.PiDOutOfMemoryError, match=r"64x64 needs at least .* on cpu .* size=, long_edge="):
         pipe.decode(torch.randn(1, 16, 2, 2), text_embedding=TEXT)
 
 
@@ -183,7 +164,7 @@ def test_out_of_memory_retries_once_with_half_the_chunk(pipe, monkeypatch, caplo
     latent = torch.randn(1, 16, 2, 4, generator=torch.Generator().manual_seed(3))
     expected = np.asarray(pipe.decode(latent, text_embedding=TEXT, seed=4)[0]).astype(int)
     monkeypatch.setattr(sampling, "sample", flaky)
-    with caplog.at_level(logging.WARNING, logger="pid_decoder.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="pid_decoder.memory"):
         got = np.asarray(pipe.decode(latent, text_embedding=TEXT, seed=4)[0]).astype(int)
     assert chunks == [None, pipe._auto_chunk(64, 128) // 2]  # 32 tokens -> 16
     assert "retrying once with half the chunk (16)" in caplog.text

@@ -289,9 +289,9 @@ def test_checkpoint_without_config_is_said_in_flags(assets, tmp_path, capsys, mo
 
 
 def test_output_too_large_for_memory_is_refused_with_the_options(assets, tmp_path, capsys, monkeypatch):
-    from pid_decoder import pipeline, sampling
+    from pid_decoder import memory, sampling
 
-    monkeypatch.setattr(pipeline, "available_memory", lambda device: 2**30)  # 1 GiB free
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**30)  # 1 GiB free
     monkeypatch.setattr(sampling, "sample", lambda *a, **kw: pytest.fail("computed despite the memory check"))
     code, out, err = run(capsys, "upscale", image_file(tmp_path), "-o", tmp_path / "o", *model_args(assets),
                          "--size", "32768x32768")

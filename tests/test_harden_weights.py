@@ -25,6 +25,7 @@ from pid_decoder import checkpoints as ck
 from pid_decoder import weights
 from pid_decoder.checkpoints import describe, load_network, open_checkpoint
 from pid_decoder.config import load_net_config
+from pid_decoder.devices import check_device
 from pid_decoder.text import MissingTextEncoderError, TextEncoder, load_text_embedding
 
 from .test_pipeline_support import TEXT_D, TEXT_T, random_image, save_tiny_checkpoint, tiny_net_config
@@ -587,7 +588,7 @@ def test_weight_file_given_as_config(tiny_ckpt):
 
 def test_cuda_without_cuda_is_a_value_error(tiny_ckpt, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"device 'cuda' is not available \(CUDA is not available.*Available devices: cpu.*--device cpu"):
+    with pytest.raises(ValueError, match=r"device 'cuda' requested but CUDA is not available.*Available devices: cpu.*--device cpu"):
         load_network(tiny_ckpt, tiny_net_config(), device="cuda")
 
 
@@ -595,13 +596,13 @@ def test_cuda_index_beyond_the_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"'cuda:3' does not exist: this machine has 1 CUDA device.*cuda:0"):
-        ck.check_device("cuda:3")
+        check_device("cuda:3")
 
 
 @pytest.mark.parametrize("device", ["tpu", "", "gpu0"])
 def test_unknown_device_names(device):
     with pytest.raises(ValueError, match=r"unknown device .*use one of cpu"):
-        ck.check_device(device)
+        check_device(device)
 
 
 def test_unknown_dtype(tiny_ckpt):
@@ -646,9 +647,9 @@ def test_backbone_and_text_encoder_devices_are_checked_first(monkeypatch, tmp_pa
     from pid_decoder.backbones import load_backbone
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"device 'cuda' is not available.*Available devices: cpu"):
+    with pytest.raises(ValueError, match=r"device 'cuda' requested but CUDA is not available.*Available devices: cpu"):
         load_backbone("flux", tmp_path / "ae.safetensors", device="cuda")
-    with pytest.raises(ValueError, match=r"device 'cuda:1' is not available.*Available devices: cpu"):
+    with pytest.raises(ValueError, match=r"device 'cuda:1' requested but CUDA is not available.*Available devices: cpu"):
         TextEncoder(tmp_path / "gemma", device="cuda:1")
 
 

@@ -185,19 +185,6 @@ def test_constructor_and_checkpoint_path(assets, net, emb):
     assert from_file.scale == 4 and from_file.device == torch.device("cpu") and from_file.net.dtype == torch.float32
 
 
-def test_device_and_dtype_resolution():
-    from pid_decoder.devices import resolve_device, resolve_dtype
-
-    cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == torch.float32
-    assert resolve_dtype("bf16", cpu) == torch.bfloat16
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type in ("cpu", "mps")
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda")
-
-
 def test_bf16_on_cpu(assets, presets, emb):
     from pid_decoder import PiDPipeline
 

@@ -22,6 +22,7 @@ import torch
 
 from .atomic import atomic_write
 from .config import NetConfig, load_net_config
+from .devices import parse_dtype, resolve_device
 from .keys import key_problems, listing
 from .model.net import PiDNet
 from .presets import PRESETS, Preset, resolve_preset
@@ -36,21 +37,6 @@ IGNORED_PREFIXES = ("net_ema.", "fake_score.", "discriminator.")
 TRAINING_ONLY_PREFIXES = ("lq_proj.lq_aux_rgb_head.",)
 FORMAT = "pid-decoder"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-
-
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        return dtype
-    table = {
-        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    }
-    if str(dtype).lower() not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
-    return table[str(dtype).lower()]
 
 
 # --------------------------------------------------------------------------- reading files
@@ -461,46 +447,23 @@ def _resolve_config(
     return candidates[0].net, candidates[0]
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device that exists on this machine, else a ValueError naming the ones that do."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"unknown device {device!r} ({_first_line(err)}); use one of {', '.join(available_devices())}"
-        ) from None
-    if dev.type in ("cpu", "meta"):
-        return dev
-    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
-    is_available = getattr(backend, "is_available", None)
-    if not callable(is_available) or not is_available():
-        if dev.type == "cuda":
-            why = "CUDA is not available: " + (
-                "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
-            )
-        else:
-            why = f"this machine or PyTorch build has no {dev.type} backend"
-        raise ValueError(
-            f"device {str(device)!r} is not available ({why}). Available devices: {', '.join(available_devices())} "
-            "(CLI: --device cpu; API: device=\"cpu\")."
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s); "
-            f"available: {', '.join(available_devices())}"
-        )
-    return dev
-
-
-def available_devices() -> list[str]:
-    """The device names this machine can run on, e.g. ["cpu", "cuda:0", "cuda:1"]."""
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        out.append("mps")
-    return out
+def checkpoint_or_preset(
+    source: str | os.PathLike | Preset | None, preset: str | Preset | None = None
+) -> tuple[Path | None, Preset | None]:
+    """What ``source`` names: a checkpoint file (by its suffix, or because it exists) or a preset; ``preset`` says
+    what a file holds, or stands for ``source`` when that is None. A ValueError when neither names anything."""
+    path: Path | None = None
+    if isinstance(source, Preset):
+        preset = source if preset is None else preset
+    elif source is not None:
+        candidate = Path(os.fspath(source))
+        if candidate.suffix.lower() in (".pth", ".pt", *SAFETENSORS_SUFFIXES) or candidate.exists():
+            path = candidate
+        elif preset is None:
+            preset = source
+    if path is None and preset is None:
+        raise ValueError("give a preset (e.g. 'flux-4k') or a checkpoint path")
+    return path, resolve_preset(preset) if preset is not None else None
 
 
 def load_network(
@@ -518,7 +481,7 @@ def load_network(
     file) or ``preset`` say which network the file holds; without them it is read from our safetensors metadata
     or detected from the keys, which fails (naming the candidates) where released files are indistinguishable
     (FLUX.1 vs SD3 vs Qwen-Image). Every argument is checked before the file is read: a ``device`` that this
-    machine does not have is a ValueError naming the ones it has.
+    machine does not have is a ValueError naming the ones it has; "auto" picks one (`devices.resolve_device`).
 
     ``training=True`` returns the network for training instead: float32 (``dtype`` must be float32), in train
     mode, every parameter requiring grad, its own memory (never a view of the file), and with the aux
@@ -530,7 +493,7 @@ def load_network(
     if training and dtype != torch.float32:
         raise ValueError(f"load_network(training=True) keeps float32 master weights; got dtype {dtype}. "
                          "Use autocast for bf16 compute.")
-    device = check_device(device)
+    device = resolve_device(device)
     if config is not None:
         config = load_net_config(config)
     ckpt = checkpoint if isinstance(checkpoint, CheckpointFile) else open_checkpoint(checkpoint)

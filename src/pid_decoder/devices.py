@@ -3,62 +3,81 @@ that refuse a device this machine lacks or a seed a generator cannot take, befor
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+DEVICE_NAMES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
 
 
-def check_device(device: str | torch.device | None) -> None:
-    """Raise ValueError unless ``device`` is "auto" or a device this machine has (cpu, cuda[:N], mps)."""
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def available_devices() -> list[str]:
+    """The device names this machine can run on, e.g. ["cpu", "cuda:0", "cuda:1"]."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        out.append("mps")
+    return out
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device this machine has (cpu, cuda[:N], mps); None for "auto" (or None), which
+    `resolve_device` settles. Anything else is a ValueError that names the devices there are."""
     if device is None:
-        return
+        return None
     text = str(device).strip()
     if text == "auto":
-        return
+        return None
+    devices = ", ".join(available_devices())
+    names = f"use one of {devices} or 'auto' (device names: {DEVICE_NAMES})"
     if not text:
-        raise ValueError("device is empty; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        raise ValueError(f"device is empty (unknown device ''); {names}")
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
         dev = None
     if dev is None or dev.type not in DEVICE_TYPES:
-        raise ValueError(f"unknown device {text!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        raise ValueError(f"unknown device {text!r}; {names}")
+    fallback = f"Available devices: {devices}; use 'cpu' (CLI: --device cpu, API: device=\"cpu\")"
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {text!r} requested but CUDA is not available on this machine; use 'cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"device {text!r} requested but CUDA is not available on this machine ({why}). {fallback}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
             raise ValueError(
-                f"device {text!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s) "
-                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+                f"device {text!r} does not exist: this machine has {count} CUDA device(s). Available devices: {devices}"
             )
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(
-                f"device {text!r} requested but MPS (Apple GPU) is not available on this machine; use 'cpu'"
-            )
+    if dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device {text!r} requested but MPS (Apple GPU) is not available on this machine. {fallback}")
+    return dev
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu; else a device this machine has (`check_device`)."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    check_device(device)
-    return torch.device(str(device).strip()) if not isinstance(device, torch.device) else device
+    """"auto" (or None) -> cuda if available, else mps, else cpu; else a device this machine has (`check_device`)."""
+    dev = check_device(device)
+    if dev is not None:
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps") if _mps_available() else torch.device("cpu")
 
 
 def check_seed(seed: Any, count: int = 1, name: str = "seed") -> int:
     """``seed`` as an int, checked so that ``seed .. seed + count - 1`` are all valid generator seeds."""
-    import numbers
-
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be a whole number in [0, 2**64 - 1], got {seed!r} ({type(seed).__name__})")
     seed = int(seed)
@@ -68,10 +87,19 @@ def check_seed(seed: Any, count: int = 1, name: str = "seed") -> int:
     return seed
 
 
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating dtype from its name (fp32, bf16, fp16 and their long names) or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if str(dtype).lower() not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return _DTYPES[str(dtype).lower()]
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """"auto" -> bf16 on CUDA, fp32 elsewhere; "bf16" / "fp32" (and torch dtypes) as given."""
-    from .checkpoints import parse_dtype
-
     if dtype is None or str(dtype) == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return parse_dtype(dtype)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write
+from .backbones.images import _to_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,6 @@ def read_image(path: str | os.PathLike):
 
 def check_image(image, path: str | os.PathLike = "image", min_side: int = 16) -> None:
     """Raise ValueError unless ``image`` converts to RGB and both sides are at least ``min_side`` pixels."""
-    from .backbones.images import _to_rgb8
-
     w, h = image.size
     if w < min_side or h < min_side:
         raise ValueError(

@@ -26,18 +26,36 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import sampling, weights
+from .accel import enable_sequential_offload
+from .backbones import check_latent, image_to_tensor, latents_from_pipeline, make_backbone, tensor_to_image
+from .backbones.images import plan_upscale, resize_cover, upscale_inputs
+from .backbones.packing import KIND_BACKBONE
+from .checkpoints import checkpoint_or_preset, load_network
 from .config import NetConfig, SamplerConfig
 from .devices import check_seed, resolve_device, resolve_dtype, resolve_noise_device
-from .ldm import KIND_TAG, ldm_defaults, load_ldm_pipeline
-from .memory import PiDOutOfMemoryError, available_memory, gib, is_oom, minimum_memory
+from .ldm import (
+    KIND_TAG,
+    check_pipeline_backbone,
+    ldm_defaults,
+    ldm_noise_device,
+    ldm_size,
+    load_ldm_pipeline,
+    plan_ldm_run,
+    run_ldm,
+)
+from .memory import PiDOutOfMemoryError, check_output_memory, retry_with_half_chunk
+from .model.memory import choose_chunk, parse_memory
 from .presets import Preset, resolve_preset
-from .sampling import broadcast_text
+from .registry import DEFAULT_TEXT_ENCODER, resolve_backbone_name
+from .text import TextEncoder, load_text_embedding
+from .tiling import _as_pair, plan_tiles, sample_tiled
 
+__all__ = ["Decoded", "PiDOutOfMemoryError", "PiDPipeline"]  # the error is raised from here (memory.py holds it)
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
@@ -96,14 +114,10 @@ class PiDPipeline:
         tile: int | tuple[int, int] | None = None,
         tile_overlap: int = 128,
     ):
-        from .model.memory import parse_memory
-
         self.net = net
         self.max_memory = None if max_memory is None else parse_memory(max_memory)
         self.tile, self.tile_overlap = tile, int(tile_overlap)
         if tile is not None:  # check the tile and overlap now, on a plan for an image of 2 x 2 tiles
-            from .tiling import _as_pair, plan_tiles
-
             th, tw = _as_pair(tile, "tile")
             plan_tiles(2 * th, 2 * tw, tile, self.tile_overlap, multiple=net.config.patch_size)
         self.noise_device = resolve_noise_device(noise_device, net.device)
@@ -113,11 +127,7 @@ class PiDPipeline:
         name = backbone_name or (self.preset.backbone if self.preset is not None else None)
         if name is None and backbone is not None:
             name = getattr(backbone, "name", None)
-        if name is not None:
-            from .backbones import resolve_backbone_name
-
-            name = resolve_backbone_name(name)
-        self.backbone_name = name
+        self.backbone_name = resolve_backbone_name(name) if name is not None else None
         self.backbone = backbone
         self._text_encoder = text_encoder
         self.negative_embedding = negative_embedding
@@ -163,23 +173,9 @@ class PiDPipeline:
                 at a time (`pid_decoder.accel.enable_sequential_offload`): for GPUs smaller than the weights.
             options: ``max_memory``, ``tile``, ``tile_overlap`` (see the class).
         """
-        from . import weights
-        from .checkpoints import load_network
-
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        path: Path | None = None
-        if isinstance(preset_or_path, Preset):
-            preset = preset_or_path if preset is None else preset
-        elif preset_or_path is not None:
-            candidate = Path(os.fspath(preset_or_path))
-            if candidate.suffix.lower() in (".pth", ".pt", ".safetensors", ".sft") or candidate.exists():
-                path = candidate
-            elif preset is None:
-                preset = preset_or_path
-        if path is None and preset is None:
-            raise ValueError("give a preset (e.g. 'flux-4k') or a checkpoint path")
-        preset = resolve_preset(preset) if preset is not None else None
+        path, preset = checkpoint_or_preset(preset_or_path, preset)
 
         specs = [] if path is not None else [weights.checkpoint_spec(preset)]
         name = backbone_name or (preset.backbone if preset is not None else None)
@@ -191,14 +187,12 @@ class PiDPipeline:
 
         net = load_network(checkpoint, config, preset=preset, dtype=dt, device="cpu" if offload else dev)
         if offload:
-            from .accel import enable_sequential_offload
-
             enable_sequential_offload(net, dev)
         preset = preset or net.preset
         name = name or (preset.backbone if preset is not None else None)
         if backbone is None and name is not None and backbone_path is None:  # preset known only from the file
             backbone_path = weights.resolve([weights.backbone_spec(name)], weights_dir, allow_download=allow_download)[0]
-        bb = _make_backbone(name, backbone if backbone is not None else backbone_path, dev, dt)
+        bb = make_backbone(name, backbone if backbone is not None else backbone_path, dev, dt)
         pipe = cls(net, preset, bb, text_encoder, backbone_name=name, noise_device=noise_device, **options)
         if allow_download is False:
             pipe.text_encoder_offline = True
@@ -208,12 +202,6 @@ class PiDPipeline:
     @property
     def device(self) -> torch.device:
         return self.net.device
-
-    def _ldm_noise_device(self, ldm_pipeline: Any) -> torch.device:
-        if self._noise_auto:
-            device = getattr(ldm_pipeline, "_execution_device", None)
-            return device if isinstance(device, torch.device) and device.type == "cuda" else torch.device("cpu")
-        return self.noise_device
 
     def generator(self, seed: int, device: torch.device | None = None) -> torch.Generator:
         """A generator seeded ``seed`` on the noise device (or on ``device`` where a caller needs one there)."""
@@ -226,8 +214,6 @@ class PiDPipeline:
     @property
     def text_encoder(self):
         """The `TextEncoder` (created on first use; Gemma itself loads on the first uncached prompt)."""
-        from .text import DEFAULT_TEXT_ENCODER, TextEncoder
-
         if not isinstance(self._text_encoder, TextEncoder):
             model = self._text_encoder if self._text_encoder is not None else DEFAULT_TEXT_ENCODER
             self._text_encoder = TextEncoder(model, device=self.device, local_files_only=self.text_encoder_offline)
@@ -257,12 +243,10 @@ class PiDPipeline:
         if text_embedding is not None:
             emb = text_embedding
             if isinstance(emb, (str, os.PathLike)):
-                from .text import load_text_embedding
-
                 emb, _ = load_text_embedding(emb)
             if not torch.is_tensor(emb):
                 raise ValueError("text_embedding must be a (T, D), (1, T, D) or (B, T, D) tensor or an embedding file")
-            return broadcast_text(emb.float().cpu(), batch, "text_embedding")
+            return sampling.broadcast_text(emb.float().cpu(), batch, "text_embedding")
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts for {batch} items; give one prompt or one per item")
@@ -276,38 +260,21 @@ class PiDPipeline:
     # ------------------------------------------------------------------ sampling
     def check_steps(self, steps: int | None) -> int:
         """The number of sampler steps to run: ``steps`` checked against this sampler, or the preset's."""
-        from .sampling import check_steps
-
         if steps is None:
             return self.sampler.steps
-        return check_steps(steps, self.max_steps)
+        return sampling.check_steps(steps, self.max_steps)
 
     @property
     def max_steps(self) -> int | None:
         """The most steps the sampler can take: the distilled student's schedule length; None for the teacher."""
-        from .sampling import STUDENT_T_LIST
-
-        return len(STUDENT_T_LIST) - 1 if self.sampler.kind == "student" else None
+        return len(sampling.STUDENT_T_LIST) - 1 if self.sampler.kind == "student" else None
 
     def check_memory(self, height: int, width: int) -> None:
         """Refuse (`PiDOutOfMemoryError`) an output whose unavoidable tensors cannot fit in the device's memory."""
-        available = available_memory(self.device)
-        if available is None:
-            return
-        needed = minimum_memory(height, width)
-        if needed > available:
-            raise PiDOutOfMemoryError(
-                f"an output of {width}x{height} needs at least {gib(needed)} on {self.device} for the image "
-                f"tensors alone, but only {gib(available)} is available; decode a smaller output (upscale: "
-                f"scale=, size=, long_edge=; decode: a smaller latent) or use a device with more memory "
-                f"(max_memory= and tile= bound the network's activations, not these tensors)",
-                height=height, width=width, device=self.device, needed=needed, available=available,
-            )
+        check_output_memory(height, width, self.device)
 
     def _auto_chunk(self, height: int, width: int) -> int:
         """The pixel-pathway chunk (patch tokens) `sample` chooses by itself for this output (or its tile)."""
-        from .model.memory import choose_chunk
-
         ps = self.net.config.patch_size
         if self._tiled(height, width):
             th, tw = (self.tile, self.tile) if isinstance(self.tile, int) else self.tile
@@ -329,56 +296,30 @@ class PiDPipeline:
     ) -> torch.Tensor:
         """One item: (1, C, h, w) latent -> (1, 3, H, W) in [-1, 1]; noise from a generator seeded ``seed``.
 
-        An out-of-memory error retries once with half the pixel-pathway chunk (same seed, same image).
+        An out-of-memory error retries once with half the pixel-pathway chunk (`memory.retry_with_half_chunk`).
         """
         height, width = self.net.output_size(tuple(latent.shape[-2:]))
         steps = self.check_steps(steps)
-        try:
-            return self._sample_once(latent, text, sigma, seed, steps, callback, chunk, height, width)
-        except Exception as err:
-            if not is_oom(err):
-                raise
-            first = err
-        used = chunk if chunk is not None else self._auto_chunk(height, width)
-        half = max(1, used // 2)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        logger.warning("out of memory decoding %dx%d on %s with a pixel chunk of %d patch tokens (%s); retrying "
-                       "once with half the chunk (%d)", width, height, self.device, used,
-                       str(first).splitlines()[0] if str(first) else type(first).__name__, half)
-        try:
-            return self._sample_once(latent, text, sigma, seed, steps, callback, half, height, width)
-        except Exception as err:
-            if not is_oom(err):
-                raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise PiDOutOfMemoryError(
-                f"out of memory decoding {width}x{height} on {self.device}, also with half the pixel chunk ({half} "
-                "patch tokens); pass a smaller max_memory= budget, tile= for the approximate tiled decode, or decode "
-                "a smaller output",
-                height=height, width=width, device=self.device,
-            ) from err
+        return retry_with_half_chunk(
+            lambda c: self._sample_once(latent, text, sigma, seed, steps, callback, c, height, width),
+            chunk, lambda: self._auto_chunk(height, width), height=height, width=width, device=self.device,
+        )
 
     def _sample_once(self, latent, text, sigma, seed, steps, callback, chunk, height, width) -> torch.Tensor:
-        from .sampling import sample, sample_teacher
-
         generator = self.generator(seed)
         cfg = self.sampler
         common = {"height": height, "width": width, "steps": steps, "generator": generator, "chunk": chunk,
                   "max_memory": self.max_memory, "callback": callback}
         if cfg.kind == "student":
             if self._tiled(height, width):
-                from .tiling import sample_tiled
-
                 logger.info("approximate tiled decode of %dx%d in %s tiles", width, height, self.tile)
                 return sample_tiled(self.net, latent, text, float(sigma), mode=cfg.mode, tile=self.tile,
                                     overlap=self.tile_overlap, **common)
-            return sample(self.net, latent, text, float(sigma), mode=cfg.mode, **common)
+            return sampling.sample(self.net, latent, text, float(sigma), mode=cfg.mode, **common)
         if self._tiled(height, width):
             raise ValueError("the tiled decode is for the distilled presets; this preset uses the teacher sampler")
         negative = self._negative(latent.shape[0]) if cfg.cfg_scale != 1.0 else None
-        return sample_teacher(
+        return sampling.sample_teacher(
             self.net, latent, text, float(sigma), negative_text=negative, cfg_scale=cfg.cfg_scale,
             base_shift=cfg.base_shift, base_size=cfg.base_size, **common,
         )
@@ -402,8 +343,6 @@ class PiDPipeline:
         if self.backbone is not None:
             self.backbone.check_latent(latents)
         elif self.backbone_name is not None:
-            from .backbones import check_latent
-
             check_latent(self.backbone_name, latents)
         lq = self.net.config.lq
         if latents.ndim != 4 or latents.shape[1] != lq.latent_channels:
@@ -446,8 +385,6 @@ class PiDPipeline:
         final LDM latent). With ``return_baseline`` returns ``(images, baselines)``, the baselines being the
         backbone's own decode at native size.
         """
-        from .backbones import tensor_to_image
-
         self._require_lq()
         latents = self._check_latent(latents)
         batch = latents.shape[0]
@@ -495,40 +432,20 @@ class PiDPipeline:
         4x preset resizes the input to half its size and runs the 4x decoder), ``size`` (W, H) or ``long_edge``
         (aspect kept). The input is resized (Lanczos, covering, centre-cropped) to output / preset scale; an output
         that is not a multiple of 16 x the preset's scale is snapped to the nearest one, with a logged warning
-        (`plan_upscale_size`).
+        (`backbones.images.plan_upscale_size`).
         """
-        from PIL import Image
-
-        from .backbones import image_to_tensor, tensor_to_image
-        from .backbones.images import plan_upscale_size, resize_cover
-
         self._require_lq()
         backbone = self._require_backbone("upscale")
-        if isinstance(images, Image.Image):
-            images = [images]
-        images = list(images)
-        if not all(isinstance(im, Image.Image) for im in images):
-            raise ValueError("upscale takes a PIL image or a list of PIL images")
-        if not images:
-            raise ValueError("upscale got an empty list of images; give at least one")
+        images = upscale_inputs(images)
         if not 0.0 <= float(sigma) <= 1.0:
             raise ValueError(f"sigma must be in [0, 1], got {sigma}")
         check_seed(seed, index_offset + len(images))
         self.check_steps(steps)
         plans = []
         for image in images:
-            resize, out_size, message = plan_upscale_size(
-                image.size, preset_scale=self.scale, multiple=backbone.image_multiple, scale=scale, size=size,
-                long_edge=long_edge,
-            )
-            if out_size[0] <= 0 or out_size[1] <= 0:
-                raise ValueError(
-                    f"image of {image.size[0]}x{image.size[1]} (WxH) is smaller than the required multiple of "
-                    f"{backbone.image_multiple} pixels"
-                )
-            if message:
-                logger.warning("%s", message)
-            self.check_memory(out_size[1], out_size[0])
+            resize, (out_w, out_h) = plan_upscale(image, preset_scale=self.scale, multiple=backbone.image_multiple,
+                                                  scale=scale, size=size, long_edge=long_edge)
+            self.check_memory(out_h, out_w)
             plans.append(resize)
         text = self.encode_text(prompt, text_embedding, len(images))
         outs, baselines = [], []
@@ -568,29 +485,14 @@ class PiDPipeline:
         latent captured mid-run (``capture_sigma(pipe.scheduler, i)``), 0 for the final output. Packed / raw
         layouts (Flux, Qwen-Image, FLUX.2, klein, SDXL's Euler frame) are converted by `latents_from_pipeline`.
         """
-        from .backbones import latents_from_pipeline
-
         latent, pid_sigma = latents_from_pipeline(ldm_pipeline, latents, height=height, width=width, sigma=sigma)
-        self._check_pipeline_backbone(ldm_pipeline)
+        check_pipeline_backbone(ldm_pipeline, self.backbone_name)
         if return_baseline and self.backbone is None and getattr(ldm_pipeline, "vae", None) is not None:
-            self.backbone = _make_backbone(self.backbone_name, ldm_pipeline.vae, None, None)
+            self.backbone = make_backbone(self.backbone_name, ldm_pipeline.vae)
         return self.decode(
             latent, prompt, text_embedding=text_embedding, sigma=pid_sigma, seed=seed, steps=steps,
             return_baseline=return_baseline, callback=callback,
         )
-
-    def _check_pipeline_backbone(self, ldm_pipeline: Any) -> str:
-        from .backbones import resolve_backbone_name
-        from .backbones.packing import KIND_BACKBONE, pipeline_kind
-
-        kind = pipeline_kind(ldm_pipeline)
-        needed = resolve_backbone_name(KIND_BACKBONE[kind])
-        if self.backbone_name is not None and needed != self.backbone_name:
-            raise ValueError(
-                f"the {type(ldm_pipeline).__name__} produces {needed} latents, but this PiD checkpoint decodes "
-                f"{self.backbone_name} latents; load a {needed} preset"
-            )
-        return kind
 
     def generate(
         self,
@@ -630,67 +532,19 @@ class PiDPipeline:
         Returns:
             `Decoded` entries: captured steps in ascending order, then "x0".
         """
-        from .backbones import capture_sigma, latents_from_pipeline, tensor_to_image
-        from .backbones.packing import KIND_BACKBONE
-
         self._require_lq()
-        scale = self.scale
-        if resolution is None:
-            resolution = 2048
-        out_w, out_h = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        if out_w % scale or out_h % scale:
-            raise ValueError(f"resolution {out_w}x{out_h} (WxH) must be divisible by the PiD scale {scale}")
-        width, height = out_w // scale, out_h // scale
-        if width % 16 or height % 16:
-            raise ValueError(
-                f"the LDM runs at resolution / {scale} = {width}x{height}, which must be a multiple of 16; "
-                f"choose a resolution that is a multiple of {16 * scale}"
-            )
+        width, height = ldm_size(resolution, self.scale)
         if ldm_pipeline is None:
             tag = (backbone or self.backbone_name or "flux").lower()
             ldm_pipeline = load_ldm_pipeline(ldm_defaults(tag).model, device=self.device, dtype=self.net.dtype)
-        kind = self._check_pipeline_backbone(ldm_pipeline)
-        tag = (backbone or KIND_TAG.get(kind, kind)).lower()
-        defaults = ldm_defaults(tag)
-        n_steps = defaults.steps if ldm_steps is None else int(ldm_steps)
-        guidance = defaults.guidance if guidance_scale is None else float(guidance_scale)
-        if capture_steps is None:  # the recommended step exists only with the recommended number of steps
-            capture = [k for k in defaults.capture if k <= n_steps]
-        else:
-            capture = sorted({int(k) for k in capture_steps})
-        bad = [k for k in capture if not 1 <= k <= n_steps]
-        if bad:
-            raise ValueError(f"capture steps must be in 1..{n_steps} (the LDM steps), got {bad}")
-
-        captured: dict[int, tuple[torch.Tensor, float]] = {}
-
-        def on_step_end(pipe, i, t, kwargs):
-            if i + 1 in capture:
-                latent, sigma = latents_from_pipeline(
-                    pipe, kwargs["latents"], height=height, width=width, sigma=capture_sigma(pipe.scheduler, i)
-                )
-                captured[i + 1] = (latent.detach().float().cpu(), sigma)
-            if ldm_callback is not None:
-                ldm_callback(i + 1, n_steps)
-            return kwargs
-
-        call = dict(defaults.extra)
-        call.update(ldm_kwargs or {})
-        logger.info("running %s: %dx%d, %d steps, guidance %s, capture %s", type(ldm_pipeline).__name__, width, height,
-                    n_steps, guidance, capture or "x0 only")
-        with torch.inference_mode():
-            out = ldm_pipeline(
-                prompt=prompt, height=height, width=width, num_inference_steps=n_steps, guidance_scale=guidance,
-                num_images_per_prompt=1, output_type="latent",
-                generator=self.generator(seed if ldm_seed is None else ldm_seed, self._ldm_noise_device(ldm_pipeline)),
-                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], **call,
-            )
-            final, _ = latents_from_pipeline(ldm_pipeline, out.images, height=height, width=width)
-        entries = [(f"step_{k}", *captured[k]) for k in capture] + [("x0", final.detach().float().cpu(), 0.0)]
-
-        baseline_backbone = None
-        if return_baseline:
-            baseline_backbone = _make_backbone(KIND_BACKBONE[kind], ldm_pipeline.vae, None, None)
+        kind = check_pipeline_backbone(ldm_pipeline, self.backbone_name)
+        run = plan_ldm_run(backbone or KIND_TAG.get(kind, kind), steps=ldm_steps, guidance=guidance_scale,
+                           capture_steps=capture_steps, kwargs=ldm_kwargs)
+        ldm_device = ldm_noise_device(ldm_pipeline, None if self._noise_auto else self.noise_device)
+        generator = self.generator(seed if ldm_seed is None else ldm_seed, ldm_device)
+        entries = run_ldm(ldm_pipeline, prompt, run, height=height, width=width, generator=generator,
+                          callback=ldm_callback)
+        baseline_backbone = make_backbone(KIND_BACKBONE[kind], ldm_pipeline.vae) if return_baseline else None
         text = self.encode_text(pid_prompt if pid_prompt is not None else prompt, text_embedding, 1)
         results = []
         with torch.inference_mode():
@@ -702,17 +556,3 @@ class PiDPipeline:
                 results.append(Decoded(label, float(sigma), latent, image, baseline))
         return results
 
-
-def _make_backbone(name: str | None, source: Any, device: torch.device | None, dtype: torch.dtype | None):
-    """A backbone object from: None/False (none), a backbone object, a diffusers module, or a weight path."""
-    if source is None or source is False:
-        return None
-    if hasattr(source, "encode") and hasattr(source, "add_noise") and hasattr(source, "check_latent"):
-        return source  # already a backbone
-    from .backbones import load_backbone
-
-    if name is None:
-        raise ValueError("a backbone path/module was given but the latent space is unknown; pass backbone_name=")
-    if isinstance(source, (str, os.PathLike)):
-        return load_backbone(name, source, device=device, dtype=dtype)
-    return load_backbone(name, module=source, device=device, dtype=dtype)

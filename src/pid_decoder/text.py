@@ -27,9 +27,14 @@ from typing import Any
 
 import torch
 
+from . import weights
+from .atomic import atomic_write_bytes
+from .checkpoints import check_weight_path, file_kind
+from .devices import resolve_device
+from .registry import DEFAULT_TEXT_ENCODER, looks_like_hub_id
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEXT_ENCODER = "Efficient-Large-Model/gemma-2-2b-it"
 MODEL_MAX_LENGTH = 300  # text tokens given to the network (reference model_max_length)
 
 # The reference's Complex Human Instruction: these 8 lines joined with "\n". The last line ends in a
@@ -74,7 +79,6 @@ EMBEDDING_FORMAT = "pid-decoder/text-embedding"
 EMBEDDING_FORMAT_VERSION = "1"
 EMBEDDING_KEY = "text_embedding"
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -97,8 +101,6 @@ def save_text_embedding(
     the model that made it. The write is atomic (temporary file + rename). Returns the path.
     """
     from safetensors.torch import save
-
-    from .atomic import atomic_write_bytes
 
     emb = _check_embedding(embedding, f"embedding for {path}")
     if emb.dtype not in (torch.float32, torch.bfloat16):
@@ -127,8 +129,6 @@ def load_text_embedding(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str
     ValueError for anything that is not a single finite 2-D floating-point ``text_embedding``.
     """
     from safetensors import safe_open
-
-    from .checkpoints import check_weight_path, file_kind
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"text embedding must be the path of a .safetensors file, got {type(path).__name__}")
@@ -255,8 +255,8 @@ class TextEncoder:
         model: a local folder holding a Gemma-2 causal LM + tokenizer (e.g. a ``huggingface-cli
             download`` of Efficient-Large-Model/gemma-2-2b-it) or a Hugging Face hub id. With
             ``tokenizer=``/``decoder=`` given it is only a label for the cache identity.
-        device: where Gemma runs ("cpu", "cuda", "cuda:1", a torch.device). CPU needs about 5 GB RAM
-            in bf16 and leaves the GPU to the decoder.
+        device: where Gemma runs ("cpu", "cuda", "cuda:1", a torch.device; "auto" as `devices.resolve_device`).
+            CPU needs about 5 GB RAM in bf16 and leaves the GPU to the decoder.
         dtype: Gemma's weight dtype; the reference uses bfloat16.
         cache_dir: folder of the prompt-embedding cache; None -> `default_cache_dir()`, False -> no cache.
         local_files_only: never download; None follows the HF_HUB_OFFLINE environment variable.
@@ -284,12 +284,10 @@ class TextEncoder:
             raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
         if cache_dir is True:
             raise ValueError("cache_dir must be a folder, None (default folder) or False (no cache), got True")
-        from .checkpoints import check_device
-
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a folder or a hub id (str), got {type(model).__name__}")
         self.model = os.fspath(model)
-        self.device = check_device(device)  # before any loading: "cuda" without CUDA names the devices there are
+        self.device = resolve_device(device)  # before any loading: "cuda" without CUDA names the devices there are
         self.dtype = dtype
         self.revision = revision
         self.local_files_only = local_files_only
@@ -345,7 +343,7 @@ class TextEncoder:
         return f"hub:{self.model}@{self._hub_commit() or self.revision or 'main'}"
 
     def _is_hub_id(self) -> bool:
-        return not Path(self.model).expanduser().exists() and bool(_HUB_ID.match(self.model))
+        return looks_like_hub_id(self.model)
 
     def _hub_commit(self) -> str | None:
         """Commit of the revision in the local HF cache (no network), if it is there."""
@@ -446,11 +444,9 @@ class TextEncoder:
         minutes, without a network). Unreachable: load from the HF cache, or fail at once if it is not there."""
         from huggingface_hub import try_to_load_from_cache
 
-        from .weights import HubUnreachable, _hub_probe
-
         try:
-            _hub_probe(self.model, "config.json")
-        except HubUnreachable as err:
+            weights._hub_probe(self.model, "config.json")  # looked up on the module: tests stand in for the hub
+        except weights.HubUnreachable as err:
             try:
                 cached = try_to_load_from_cache(self.model, "config.json", revision=self.revision)
             except (ValueError, OSError):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .presets import Preset, resolve_preset
+from .registry import DEFAULT_TEXT_ENCODER, looks_like_hub_id, resolve_backbone_name
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ def checkpoint_spec(preset: str | Preset) -> WeightSpec:
 
 
 def backbone_spec(backbone: str) -> WeightSpec:
-    from .backbones import resolve_backbone_name
-
     return BACKBONE_WEIGHTS[resolve_backbone_name(backbone)]
 
 
@@ -391,7 +390,7 @@ def check_run_files(
         need_backbone: False when the run needs no VAE/RAE (decoding without baselines).
         backbone_path: the user's own VAE/RAE file or folder: checked to exist, not downloaded.
         needs_text_encoder: a prompt must be encoded by Gemma (see `TextEncoder.needs_model`).
-        text_encoder: Gemma as a local folder or hub id (default `text.DEFAULT_TEXT_ENCODER`).
+        text_encoder: Gemma as a local folder or hub id (default `registry.DEFAULT_TEXT_ENCODER`).
         allow_download: default "not HF_HUB_OFFLINE".
 
     Raises `MissingWeightsError` (a FileNotFoundError) with one message naming every missing file, where it
@@ -420,8 +419,6 @@ def check_run_files(
     paths = _resolve_specs(search, specs)
     model = None
     if needs_text_encoder:
-        from .text import DEFAULT_TEXT_ENCODER
-
         model = os.fspath(text_encoder) if text_encoder is not None else DEFAULT_TEXT_ENCODER
         _check_text_encoder(search, model)
     if search.missing:
@@ -429,12 +426,6 @@ def check_run_files(
     ckpt = paths.pop(0) if checkpoint is None else None
     bb = paths.pop(0) if paths else None
     return RunFiles(ckpt, bb, model, search.offline)
-
-
-def _looks_like_hub_id(model: str) -> bool:
-    from .text import _HUB_ID
-
-    return not Path(model).expanduser().exists() and bool(_HUB_ID.match(model))
 
 
 def _check_text_encoder(search: _Search, model: str) -> None:
@@ -448,7 +439,7 @@ def _check_text_encoder(search: _Search, model: str) -> None:
             return
         search.missing.append(_Missing(what, note, None, f"the folder {str(folder)!r} has no config.json"))
         return
-    if not _looks_like_hub_id(model):
+    if not looks_like_hub_id(model):
         search.missing.append(_Missing(what, note, None, f"the folder {str(folder)!r} does not exist"))
         return
     from huggingface_hub import try_to_load_from_cache
@@ -518,8 +509,6 @@ def missing_message(search: _Search, *, preset: Preset | None = None) -> str:
         lines.extend(commands)
     gemma = [m for m in search.missing if m.file is None]
     if gemma:
-        from .text import DEFAULT_TEXT_ENCODER
-
         lines.append(
             f"to fetch the text encoder: hf download {DEFAULT_TEXT_ENCODER} --local-dir ./gemma-2-2b-it, then "
             "--text-encoder ./gemma-2-2b-it (API: text_encoder=)"

@@ -13,21 +13,15 @@ Importing this package is cheap: diffusers and transformers are imported when a 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import (
-    BACKBONE_ALIASES,
-    BACKBONE_INFO,
-    BACKBONES,
-    Backbone,
-    BackboneInfo,
-    add_noise,
-    check_latent,
-    resolve_backbone_name,
-)
+from ..devices import resolve_device
+from ..registry import BACKBONE_ALIASES, BACKBONE_INFO, BACKBONES, BackboneInfo, resolve_backbone_name
+from .base import Backbone, add_noise, check_latent
 from .images import image_to_tensor, tensor_to_image
 from .packing import capture_sigma, latents_from_pipeline, patchify_2x2, pipeline_kind, sdxl_to_vp, unpatchify_2x2
 
@@ -45,6 +39,7 @@ __all__ = [
     "image_to_tensor",
     "latents_from_pipeline",
     "load_backbone",
+    "make_backbone",
     "patchify_2x2",
     "pipeline_kind",
     "resolve_backbone_name",
@@ -85,9 +80,7 @@ def load_backbone(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if device is not None:
-        from ..checkpoints import check_device
-
-        device = check_device(device)  # "cuda" without CUDA: a ValueError naming the devices there are
+        device = resolve_device(device)  # "cuda" without CUDA: a ValueError naming the devices there are
     kwargs = dict(module=module, config=config, device=device, dtype=dtype)
     if canonical in ("flux", "sd3", "sdxl"):
         from .vae import load_kl
@@ -111,3 +104,18 @@ def load_backbone(
         backbone = load_siglip(path, **kwargs)
     logger.info("loaded %r", backbone)
     return backbone
+
+
+def make_backbone(name: str | None, source: Any, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> Backbone | None:
+    """A backbone from what a caller holds: None/False (none), a backbone object (as is), a diffusers module
+    (``module=``) or a weight path, the last two loaded as `name`."""
+    if source is None or source is False:
+        return None
+    if hasattr(source, "encode") and hasattr(source, "add_noise") and hasattr(source, "check_latent"):
+        return source  # already a backbone
+    if name is None:
+        raise ValueError("a backbone path/module was given but the latent space is unknown; pass backbone_name=")
+    if isinstance(source, (str, os.PathLike)):
+        return load_backbone(name, source, device=device, dtype=dtype)
+    return load_backbone(name, module=source, device=device, dtype=dtype)

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .base import BACKBONE_INFO, Backbone
+from ..registry import BACKBONE_INFO
+from .base import Backbone
 from .packing import FLUX2_BN_EPS, patchify_2x2, unpatchify_2x2
 from .vae import check_module_class, convert_ldm_kl, load_vae, prepare_module, resolve_device_dtype
 

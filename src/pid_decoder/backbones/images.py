@@ -140,6 +140,33 @@ def plan_upscale_size(
     return (out[0] // preset_scale, out[1] // preset_scale), out, message
 
 
+def upscale_inputs(images: Any) -> list:
+    """`PiDPipeline.upscale`'s ``images``, a PIL image or a list of them, as a non-empty list."""
+    from PIL import Image
+
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    if not all(isinstance(im, Image.Image) for im in images):
+        raise ValueError("upscale takes a PIL image or a list of PIL images")
+    if not images:
+        raise ValueError("upscale got an empty list of images; give at least one")
+    return images
+
+
+def plan_upscale(image: Any, *, preset_scale: int, multiple: int, **request: Any) -> tuple[tuple[int, int] | None,
+                                                                                       tuple[int, int]]:
+    """`plan_upscale_size` for one PIL image (``request``: scale, size or long_edge), refusing an image smaller than
+    ``multiple`` and logging a snapped request as a warning. Returns (input size to resize to or None, output size).
+    """
+    resize, out_size, message = plan_upscale_size(image.size, preset_scale=preset_scale, multiple=multiple, **request)
+    if out_size[0] <= 0 or out_size[1] <= 0:
+        raise ValueError(
+            f"image of {image.size[0]}x{image.size[1]} (WxH) is smaller than the required multiple of {multiple} pixels"
+        )
+    if message:
+        logger.warning("%s", message)
+    return resize, out_size
+
+
 def resize_cover(image: Any, size: tuple[int, int]) -> Any:
     """Resize (Lanczos) a PIL image to cover ``size`` (W, H) keeping its aspect, then centre-crop to exactly it."""
     from PIL import Image

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..registry import BACKBONE_INFO
+
 logger = logging.getLogger(__name__)
 
 # Pipeline class name -> latent kind. Subclasses (img2img, inpaint, ...) resolve through their MRO.
@@ -256,10 +258,7 @@ def latents_from_pipeline(
     elif kind == "sdxl":
         x, sigma = sdxl_to_vp(x, sigma)
 
-    backbone = KIND_BACKBONE[kind]
-    from .base import BACKBONE_INFO
-
-    info = BACKBONE_INFO[backbone]
+    info = BACKBONE_INFO[KIND_BACKBONE[kind]]
     lat_h, lat_w = height // info.down_factor, width // info.down_factor
     if x.ndim != 4 or x.shape[1] != info.latent_channels or tuple(x.shape[2:]) != (lat_h, lat_w):
         raise ValueError(

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..keys import listing
-from .base import BACKBONE_INFO, Backbone
+from ..registry import BACKBONE_INFO
+from .base import Backbone
 from .vae import check_module_class, load_vae, prepare_module, resolve_device_dtype
 from .weights import shipped_config
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import BACKBONE_INFO, Backbone
+from ..registry import BACKBONE_INFO
+from .base import Backbone
 from .vae import check_module_class, prepare_module, resolve_device_dtype
 from .weights import (
     find_file,

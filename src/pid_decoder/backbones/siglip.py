@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .base import BACKBONE_INFO, Backbone
+from ..registry import BACKBONE_INFO
+from .base import Backbone
 from .rae import decode_tokens, fix_decoder_pos_embed, remap_decoder_state
 from .vae import prepare_module, resolve_device_dtype
 from .weights import find_file, load_checked, load_pretrained_encoder, missing_file, read_config, read_state_dict

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .base import BACKBONE_INFO, Backbone, BackboneInfo
+from ..registry import BACKBONE_INFO, BackboneInfo
+from .base import Backbone
 from .weights import (
     diffusers_folder,
     find_file,

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .. import weights as hub
+from ..checkpoints import check_weight_path, file_kind, load_tensor_file
 from ..keys import key_problems
 
 logger = logging.getLogger(__name__)
@@ -63,11 +65,9 @@ def hub_offline(repo: str, filename: str) -> bool:
     from the Hugging Face cache only, instead of letting diffusers/transformers retry every file for minutes."""
     if offline():
         return True
-    from ..weights import HubUnreachable, _hub_probe
-
     try:
-        _hub_probe(repo, filename)
-    except HubUnreachable as err:
+        hub._hub_probe(repo, filename)  # looked up on the module: tests stand in for the hub
+    except hub.HubUnreachable as err:
         logger.info("the hub could not be reached (%s): loading %s from the local cache only", err, repo)
         return True
     except Exception as err:  # an answer about the repo (404, gated): from_pretrained reports it in full
@@ -86,8 +86,6 @@ def read_tensor_file(path: str | os.PathLike, backbone: str, needs: str) -> Any:
     A missing file is a FileNotFoundError, an unreadable one a PermissionError, anything else (empty, a
     directory, an image, a plain pickle, corrupt) a ValueError naming the cause and what the backbone needs.
     """
-    from ..checkpoints import check_weight_path, file_kind, load_tensor_file
-
     p = Path(path)
     if not p.exists():
         raise missing_file("weight file", p, backbone, needs)

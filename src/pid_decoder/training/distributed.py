@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..devices import check_device
+
 logger = logging.getLogger(__name__)
 
 Mode = Literal["single", "ddp", "fsdp"]
@@ -60,14 +62,18 @@ def _env_int(name: str, default: int) -> int:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is present, else ``cpu``; ``cuda`` -> ``cuda:LOCAL_RANK``."""
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is present, else ``cpu`` (training skips MPS); ``cuda`` ->
+    ``cuda:LOCAL_RANK``; else a device this machine has (`pid_decoder.devices.check_device`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("run.device is 'cuda' but CUDA is not available; use run.device = \"cpu\" or \"auto\"")
         return torch.device("cuda", local_rank)
-    return torch.device(device)
+    try:
+        return check_device(device)
+    except ValueError as err:
+        raise ValueError(f"run.device: {err}") from None
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
